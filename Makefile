@@ -1,0 +1,33 @@
+# One venv per checkout. torch is installed first from the CPU wheel when none is present, so the
+# project's torch range is already met and pip does not pull a multi-GB CUDA build.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: help install train test lint bench clean
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+install: $(BIN)/python  ## create .venv and install the project and dev tools (skips what is there)
+	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "torch==2.13.0" || $(BIN)/pip install -q "torch>=2.9"
+	@$(BIN)/pip install -q -e ".[dev]"
+
+train: install  ## the main job: tiny model on the offline default corpus (CPU is fine)
+	$(BIN)/python train.py
+
+test: install  ## the test suite (CPU, a few minutes)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest
+
+lint:  ## ruff
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+bench: install  ## throughput benchmark (GPU); prints one row per configuration
+	$(BIN)/python bench/throughput.py
+
+clean:  ## remove caches and local run outputs
+	rm -rf outputs multirun .pytest_cache .ruff_cache

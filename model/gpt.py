@@ -1,0 +1,239 @@
+"""The compact GPT (nanochat style) with three attention variants that all expose a per-head gate.
+
+Every attention layer computes the plain softmax attention of a head, softmax(s)·V, together with the
+natural-log LSE of its scores, and turns the LSE into that head's gate G (B, H, T):
+
+    vanilla  G = 1 - A[t, 0] = 1 - exp(s[t, 0] - LSE[t])           (position 0, the BOS token, is the sink)
+    sink     G = sigmoid(LSE[t] - b_h),  O = G · softmax(s)·V       (b_h: a learnable logit with no value)
+    gated    G = sigmoid(x_t · W_theta),  O = G · softmax(s)·V      (x_t: the normed block input)
+
+Vanilla attention's output is the plain softmax output: its gate is read off, not applied. Two
+backends give softmax(s)·V and LSE: "reference", an explicit T×T softmax (CPU, tests), and "flex",
+FlexAttention with the LSE returned by the kernel (CUDA; no T×T matrix, gradients flow through LSE).
+"""
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ATTENTIONS = ("vanilla", "sink", "gated")
+BACKENDS = ("auto", "reference", "flex")
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 65536
+    n_layer: int = 20
+    n_embd: int = 1280
+    n_head: int = 10
+    seq_len: int = 2048
+    attention: str = "vanilla"  # vanilla | sink | gated
+    backend: str = "auto"  # auto (flex on CUDA, reference elsewhere) | reference | flex
+    rope_base: float = 10000.0
+
+    def __post_init__(self):
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention={self.attention!r} is not one of {ATTENTIONS}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"attention.backend={self.backend!r} is not one of {BACKENDS}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+# ----------------------------------------------------------------------------------------------------
+# Attention kernels: both return (softmax(s)·V, LSE) for causal attention, shapes (B,H,T,D) and (B,H,T).
+
+
+def reference_attention(q, k, v):
+    """Explicit causal softmax attention; materialises the T×T scores. The ground truth."""
+    T = q.size(-2)
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    scores = scores.float().masked_fill(~causal, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse.unsqueeze(-1))
+    return (probs.to(v.dtype) @ v), lse
+
+
+@lru_cache(maxsize=8)
+def _causal_block_mask(T: int, device: str):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return create_block_mask(lambda b, h, q, kv: q >= kv, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device)
+
+
+@lru_cache(maxsize=1)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_causal_attention(q, k, v):
+    """FlexAttention; LSE comes from the kernel (natural log, differentiable), no T×T matrix."""
+    from torch.nn.attention.flex_attention import AuxRequest
+
+    block_mask = _causal_block_mask(q.size(-2), str(q.device))
+    out, aux = _compiled_flex()(q, k, v, block_mask=block_mask, return_aux=AuxRequest(lse=True))
+    return out, aux.lse
+
+
+# ----------------------------------------------------------------------------------------------------
+# The model.
+
+
+class RMSNorm(nn.Module):
+    """Parameter-free RMSNorm, as in nanochat."""
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.size(-1),))
+
+
+def rotary_tables(seq_len: int, head_dim: int, base: float):
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()  # (T, D/2) each
+
+
+def apply_rotary(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        C, H = cfg.n_embd, cfg.n_head
+        self.c_q = nn.Linear(C, C, bias=False)
+        self.c_k = nn.Linear(C, C, bias=False)
+        self.c_v = nn.Linear(C, C, bias=False)
+        self.c_proj = nn.Linear(C, C, bias=False)
+        self.qk_norm = RMSNorm()
+        if cfg.attention == "sink":
+            self.sink_logit = nn.Parameter(torch.zeros(H))  # b_h, one per head of this layer
+        if cfg.attention == "gated":
+            self.gate_proj = nn.Linear(C, H, bias=False)  # W_theta: one scalar gate per head and token
+
+    def forward(self, x, cos, sin, head_mask=None):
+        """x: the normed block input (B, T, C). Returns (output (B, T, C), gate (B, H, T)).
+
+        head_mask (H,) multiplies each head's output (1 keeps, 0 ablates); None keeps all heads.
+        """
+        B, T, C = x.shape
+        H, D = self.cfg.n_head, self.cfg.head_dim
+        q, k, v = (proj(x).view(B, T, H, D).transpose(1, 2) for proj in (self.c_q, self.c_k, self.c_v))
+        q = apply_rotary(self.qk_norm(q), cos[:T], sin[:T])
+        k = apply_rotary(self.qk_norm(k), cos[:T], sin[:T])
+        y, lse = self.attend(q, k, v)
+
+        kind = self.cfg.attention
+        if kind == "vanilla":
+            sink_score = (q.float() * k[:, :, :1].float()).sum(-1) / math.sqrt(D)  # s[t, 0]
+            gate = -torch.expm1(sink_score - lse)  # 1 - A[t, 0], exact near 0 and 1
+        elif kind == "sink":
+            gate = torch.sigmoid(lse - self.sink_logit.float().view(1, H, 1))
+        else:
+            gate = torch.sigmoid(self.gate_proj(x).float()).transpose(1, 2)
+        if kind != "vanilla":
+            y = y * gate.unsqueeze(-1).to(y.dtype)
+        if head_mask is not None:
+            y = y * head_mask.view(1, H, 1, 1).to(y.dtype)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.c_proj(y), gate
+
+    def attend(self, q, k, v):
+        backend = self.cfg.backend
+        if backend == "auto":
+            backend = "flex" if q.is_cuda else "reference"
+        return flex_causal_attention(q, k, v) if backend == "flex" else reference_attention(q, k, v)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())  # ReLU²
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.norm = RMSNorm()
+        self.attn = CausalSelfAttention(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, head_mask=None):
+        attn_out, gate = self.attn(self.norm(x), cos, sin, head_mask)
+        x = x + attn_out
+        x = x + self.mlp(self.norm(x))
+        return x, gate
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm_f = RMSNorm()
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)  # untied
+        cos, sin = rotary_tables(cfg.seq_len, cfg.head_dim, cfg.rope_base)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """nanochat-style init: uniform matrices of std 1/sqrt(fan_in), zero output projections."""
+        nn.init.normal_(self.wte.weight, std=1.0)
+        nn.init.normal_(self.lm_head.weight, std=0.001)
+        bound = math.sqrt(3.0 / self.cfg.n_embd)
+        for block in self.blocks:
+            attn = block.attn
+            for lin in (attn.c_q, attn.c_k, attn.c_v, block.mlp.c_fc):
+                nn.init.uniform_(lin.weight, -bound, bound)
+            nn.init.zeros_(attn.c_proj.weight)
+            nn.init.zeros_(block.mlp.c_proj.weight)
+            if hasattr(attn, "gate_proj"):
+                nn.init.zeros_(attn.gate_proj.weight)  # all gates start at sigmoid(0) = 0.5
+            if hasattr(attn, "sink_logit"):
+                attn.sink_logit.zero_()
+
+    def forward(self, idx, head_mask=None):
+        """idx (B, T) token ids. Returns logits (B, T, V) and gates (L, B, H, T) in fp32.
+
+        head_mask (L, H): per-head output multiplier (ablation); None keeps every head.
+        """
+        T = idx.size(1)
+        if T > self.cfg.seq_len:
+            raise ValueError(f"sequence of {T} tokens is longer than model.seq_len={self.cfg.seq_len}")
+        x = F.rms_norm(self.wte(idx), (self.cfg.n_embd,))
+        gates = []
+        for i, block in enumerate(self.blocks):
+            x, gate = block(x, self.rope_cos, self.rope_sin, None if head_mask is None else head_mask[i])
+            gates.append(gate)
+        logits = self.lm_head(self.norm_f(x))
+        return logits, torch.stack(gates)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token: 6·N (matmuls, fwd+bwd) + 12·L·C·T (attention scores and values,
+        counted over the full T×T square as is customary, although causal attention does half)."""
+        T = seq_len or self.cfg.seq_len
+        n_matmul = self.num_params() - self.wte.weight.numel()
+        return 6 * n_matmul + 12 * self.cfg.n_layer * self.cfg.n_embd * T

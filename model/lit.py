@@ -1,0 +1,127 @@
+"""The LightningModule: LM loss + head-balancing aux loss, AdamW with warmup and decay, BPB metric."""
+
+import math
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics import Metric
+
+from model.balance import aux_loss, importance
+from model.gpt import GPT, GPTConfig
+
+AUX_SCOPES = ("global", "local")
+DECAYS = ("cosine", "linear", "none")
+
+
+class BitsPerByte(Metric):
+    """Σ token NLL (nats) / (ln 2 · Σ UTF-8 bytes of the targets); tokens with 0 bytes are left out."""
+
+    def __init__(self):
+        super().__init__()
+        self.add_state("nats", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("bytes", torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
+
+    def update(self, nll: torch.Tensor, target_bytes: torch.Tensor):
+        counted = target_bytes > 0
+        self.nats += nll[counted].double().sum()
+        self.bytes += target_bytes.sum()
+
+    def compute(self):
+        return self.nats / (math.log(2) * self.bytes)
+
+
+def lr_lambda(warmup_steps: int, total_steps: int, decay: str, min_lr_ratio: float):
+    """Linear warmup, then cosine / linear decay to min_lr_ratio of the peak at total_steps."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        shape = {"cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1 - progress, "none": 1.0}[decay]
+        return min_lr_ratio + (1 - min_lr_ratio) * shape
+
+    return factor
+
+
+class SinkAwareLM(L.LightningModule):
+    """model / optim / aux are plain dicts (not DictConfig) so checkpoints load with weights_only=True."""
+
+    def __init__(self, model: dict, optim: dict, aux: dict, compile: bool = False):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = GPT(GPTConfig(**model))
+        self.aux_weight = float(aux["lambda"])
+        if self.aux_weight < 0:
+            raise ValueError(f"aux.lambda={self.aux_weight} must be >= 0")
+        if aux["scope"] not in AUX_SCOPES:
+            raise ValueError(f"aux.scope={aux['scope']!r} is not one of {AUX_SCOPES}")
+        if optim["decay"] not in DECAYS:
+            raise ValueError(f"optim.decay={optim['decay']!r} is not one of {DECAYS}")
+        cfg = self.model.cfg
+        # Heads exempt from balancing (Eq. 8); all False in pretraining. A buffer, so it is checkpointed.
+        self.register_buffer("shared_heads", torch.zeros(cfg.n_layer, cfg.n_head, dtype=torch.bool))
+        self.train_bpb, self.val_bpb = BitsPerByte(), BitsPerByte()
+        self.last_importance = None  # (L, H) of the latest training batch, detached; read by callbacks
+
+    def configure_model(self):
+        if self.hparams.compile:
+            self.model.compile()  # in place: state_dict keys stay free of "_orig_mod."
+
+    def forward(self, idx, head_mask=None):
+        return self.model(idx, head_mask)
+
+    def step(self, batch):
+        """LM loss, aux loss, per-token NLL and importance for one batch of packed rows."""
+        logits, gates = self.model(batch["input_ids"])
+        targets = batch["targets"]
+        nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+        imp = importance(gates)
+        if self.hparams.aux["scope"] == "global":
+            imp = self.all_ranks_mean(imp)
+        has_shared = bool(self.hparams.aux.get("shared_heads", 0))
+        aux = aux_loss(imp, self.aux_weight, self.shared_heads if has_shared else None)
+        return nll, imp, aux
+
+    def all_ranks_mean(self, x):
+        """Mean over DDP ranks that keeps the gradient (a few hundred floats per step)."""
+        if self.trainer.world_size == 1 or not torch.distributed.is_initialized():
+            return x
+        from torch.distributed.nn.functional import all_reduce
+
+        return all_reduce(x) / self.trainer.world_size
+
+    def training_step(self, batch, batch_idx):
+        nll, imp, aux = self.step(batch)
+        lm_loss = nll.mean()
+        self.last_importance = imp.detach()
+        self.train_bpb(nll.detach(), batch["target_bytes"])
+        self.log_dict({"train/loss": lm_loss, "train/aux_loss": aux}, prog_bar=True)
+        self.log("train/bpb", self.train_bpb, prog_bar=True, on_step=True, on_epoch=False)
+        return lm_loss + aux if self.aux_weight > 0 else lm_loss
+
+    def validation_step(self, batch, batch_idx):
+        nll, _, aux = self.step(batch)
+        self.val_bpb.update(nll, batch["target_bytes"])
+        self.log("val/loss", nll.mean(), prog_bar=True, sync_dist=True, batch_size=nll.size(0))
+        self.log("val/bpb", self.val_bpb, prog_bar=True, batch_size=nll.size(0))
+
+    def configure_optimizers(self):
+        opt = self.hparams.optim
+        # Weight decay on the hidden matrices only; not on embeddings, sink logits or norms.
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            (decay if p.dim() >= 2 and name != "wte.weight" else no_decay).append(p)
+        groups = [
+            {"params": decay, "weight_decay": opt["weight_decay"]},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW(
+            groups, lr=opt["lr"], betas=tuple(opt["betas"]), eps=opt["eps"], fused=self.device.type == "cuda"
+        )
+        total = self.trainer.max_steps
+        if total is None or total <= 0:
+            raise ValueError("trainer.max_steps must be set (> 0): the learning-rate schedule is defined over it")
+        schedule = lr_lambda(opt["warmup_steps"], total, opt["decay"], opt["min_lr_ratio"])
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
