@@ -1,8 +1,8 @@
 """Train a compact GPT with vanilla / sink / gated attention and the head-balancing aux loss.
 
-    python train.py                                    # tiny model, offline corpus, CPU
-    python train.py attention=gated aux.lambda=1e-4    # the paper's from-scratch setting
-    python train.py -m attention=vanilla,sink,gated aux.lambda=0,1e-4
+python train.py                                    # tiny model, offline corpus, CPU
+python train.py attention=gated aux.lambda=1e-4    # the paper's from-scratch setting
+python train.py -m attention=vanilla,sink,gated aux.lambda=0,1e-4
 """
 
 import logging
