@@ -57,7 +57,8 @@ def reference_attention(q, k, v):
     T = q.size(-2)
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
     causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    scores = scores.float().masked_fill(~causal, float("-inf"))
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))  # softmax in >= fp32 under autocast
+    scores = scores.masked_fill(~causal, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - lse.unsqueeze(-1))
     return (probs.to(v.dtype) @ v), lse
@@ -136,14 +137,15 @@ class CausalSelfAttention(nn.Module):
         k = apply_rotary(self.qk_norm(k), cos[:T], sin[:T])
         y, lse = self.attend(q, k, v)
 
-        kind = self.cfg.attention
+        kind, acc = self.cfg.attention, lse.dtype  # gate math in the LSE's precision (>= fp32)
         if kind == "vanilla":
-            sink_score = (q.float() * k[:, :, :1].float()).sum(-1) / math.sqrt(D)  # s[t, 0]
-            gate = -torch.expm1(sink_score - lse)  # 1 - A[t, 0], exact near 0 and 1
+            sink_score = (q.to(acc) * k[:, :, :1].to(acc)).sum(-1) / math.sqrt(D)  # s[t, 0]
+            # 1 - A[t, 0], exact near 0 and 1; the clamp only removes rounding above 0 (s[t,0] <= LSE[t])
+            gate = -torch.expm1((sink_score - lse).clamp(max=0.0))
         elif kind == "sink":
-            gate = torch.sigmoid(lse - self.sink_logit.float().view(1, H, 1))
+            gate = torch.sigmoid(lse - self.sink_logit.to(acc).view(1, H, 1))
         else:
-            gate = torch.sigmoid(self.gate_proj(x).float()).transpose(1, 2)
+            gate = torch.sigmoid(self.gate_proj(x).to(acc)).transpose(1, 2)
         if kind != "vanilla":
             y = y * gate.unsqueeze(-1).to(y.dtype)
         if head_mask is not None:

@@ -1,0 +1,152 @@
+"""Every attention variant against an independent explicit-softmax computation: outputs, gates, gradients.
+
+The independent side builds the full attention matrix itself (softmax over masked scores, with an extra
+logit column for the sink) and reads the gate off it, so it shares no attention code with model/gpt.py.
+"""
+
+import math
+
+import pytest
+import torch
+
+from model.gpt import GPT, CausalSelfAttention, GPTConfig, apply_rotary, reference_attention, rotary_tables
+
+B, T, C, H = 2, 12, 32, 4
+D = C // H
+
+
+def make_layer(attention: str, backend: str = "reference", seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = GPTConfig(vocab_size=64, n_layer=1, n_embd=C, n_head=H, seq_len=T, attention=attention, backend=backend)
+    layer = CausalSelfAttention(cfg)
+    for p in layer.parameters():  # random everything, incl. sink logits and gate weights
+        torch.nn.init.normal_(p, std=0.5)
+    return layer
+
+
+def explicit_attention(layer: CausalSelfAttention, x, cos, sin):
+    """(output (B,T,C), gate (B,H,T)) from the full attention matrix, written out independently."""
+    cfg = layer.cfg
+    q, k, v = (p(x).view(B, T, H, D).transpose(1, 2) for p in (layer.c_q, layer.c_k, layer.c_v))
+    q = apply_rotary(torch.nn.functional.rms_norm(q, (D,)), cos[:T], sin[:T])
+    k = apply_rotary(torch.nn.functional.rms_norm(k, (D,)), cos[:T], sin[:T])
+    scores = q @ k.transpose(-1, -2) / math.sqrt(D)
+    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    if cfg.attention == "sink":
+        # Sink attention = softmax with one more logit column b_h that has no value vector.
+        extra = layer.sink_logit.view(1, H, 1, 1).expand(B, H, T, 1)
+        probs = torch.softmax(torch.cat([scores, extra], dim=-1), dim=-1)
+        out, gate = probs[..., :T] @ v, 1 - probs[..., T]
+    else:
+        probs = torch.softmax(scores, dim=-1)
+        out = probs @ v
+        if cfg.attention == "vanilla":
+            gate = 1 - probs[..., 0]  # the attention not spent on the sink token
+        else:
+            gate = torch.sigmoid(layer.gate_proj(x)).transpose(1, 2)
+            out = out * gate.unsqueeze(-1)
+    return layer.c_proj(out.transpose(1, 2).reshape(B, T, C)), gate
+
+
+def outputs_and_grads(fn, layer, x):
+    """Run fn, backprop a fixed random functional of (output, gate), return values and all gradients."""
+    layer.zero_grad()
+    x = x.clone().requires_grad_(True)
+    out, gate = fn(x)
+    g = torch.Generator().manual_seed(1)
+    loss = (out * torch.randn(out.shape, generator=g)).sum() + (gate * torch.randn(gate.shape, generator=g)).sum()
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in layer.named_parameters()}
+    return out.detach(), gate.detach(), x.grad, grads
+
+
+@pytest.mark.parametrize("attention", ["vanilla", "sink", "gated"])
+def test_reference_backend_matches_explicit_softmax(attention):
+    layer = make_layer(attention).double()
+    cos, sin = (t.double() for t in rotary_tables(T, D, 10000.0))
+    x = torch.randn(B, T, C, dtype=torch.float64)
+    ours = outputs_and_grads(lambda x: layer(x, cos, sin), layer, x)
+    theirs = outputs_and_grads(lambda x: explicit_attention(layer, x, cos, sin), layer, x)
+    torch.testing.assert_close(ours[0], theirs[0])
+    torch.testing.assert_close(ours[1], theirs[1])
+    torch.testing.assert_close(ours[2], theirs[2])
+    assert ours[3].keys() == theirs[3].keys()
+    for name in ours[3]:
+        torch.testing.assert_close(ours[3][name], theirs[3][name], msg=f"gradient of {name}")
+    if attention != "vanilla":  # gradients reach the gate's own parameters
+        gate_param = "sink_logit" if attention == "sink" else "gate_proj.weight"
+        assert ours[3][gate_param].abs().sum() > 0
+
+
+def test_vanilla_gate_is_one_minus_attention_on_token_zero():
+    q, k, v = torch.randn(3, 1, 2, 7, 5, dtype=torch.float64).unbind(0)
+    _, lse = reference_attention(q, k, v)
+    probs = torch.softmax((q @ k.transpose(-1, -2) / math.sqrt(5)).masked_fill(torch.ones(7, 7).triu(1).bool(), -1e9), -1)
+    sink_score = (q * k[:, :, :1]).sum(-1) / math.sqrt(5)
+    torch.testing.assert_close(-torch.expm1(sink_score - lse), 1 - probs[..., 0])
+    assert torch.all(probs[..., 0, 0] == 1)  # position 0 can only attend to itself: its gate is 0
+
+
+def test_sink_gate_is_sigmoid_of_lse_minus_sink_logit():
+    layer = make_layer("sink")
+    cos, sin = rotary_tables(T, D, 10000.0)
+    _, gate = explicit_attention(layer, torch.randn(B, T, C), cos, sin)
+    with torch.no_grad():  # a larger sink logit takes more mass away from every token: smaller gates
+        layer.sink_logit += 2.0
+    _, smaller = explicit_attention(layer, torch.randn(B, T, C), cos, sin)
+    assert gate.shape == (B, H, T) and smaller.mean() < gate.mean()
+
+
+@pytest.mark.parametrize("attention", ["vanilla", "sink", "gated"])
+def test_model_returns_one_gate_per_layer_head_token(attention):
+    cfg = GPTConfig(vocab_size=64, n_layer=3, n_embd=C, n_head=H, seq_len=T, attention=attention)
+    logits, gates = GPT(cfg)(torch.randint(0, 64, (B, T)))
+    assert logits.shape == (B, T, 64) and gates.shape == (3, B, H, T)
+    assert torch.all((gates >= 0) & (gates <= 1))
+
+
+def test_head_mask_zero_removes_a_heads_contribution():
+    layer = make_layer("gated")
+    cos, sin = rotary_tables(T, D, 10000.0)
+    x = torch.randn(B, T, C)
+    keep_all, _ = layer(x, cos, sin, torch.ones(H))
+    no_heads, _ = layer(x, cos, sin, torch.zeros(H))
+    assert torch.allclose(no_heads, torch.zeros_like(no_heads)) and not torch.allclose(keep_all, no_heads)
+
+
+def test_bad_config_names_the_key():
+    with pytest.raises(ValueError, match="attention='softmax'"):
+        GPTConfig(attention="softmax")
+    with pytest.raises(ValueError, match="n_head"):
+        GPTConfig(n_embd=100, n_head=3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (flex_attention backward)")
+@pytest.mark.parametrize("attention", ["vanilla", "sink", "gated"])
+def test_flex_backend_matches_reference_on_cuda(attention):
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=64, n_layer=1, n_embd=256, n_head=2, seq_len=256, attention=attention)
+    ref = CausalSelfAttention(GPTConfig(**cfg, backend="reference")).cuda()
+    for p in ref.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    flex = CausalSelfAttention(GPTConfig(**cfg, backend="flex")).cuda()
+    flex.load_state_dict(ref.state_dict())
+    cos, sin = (t.cuda() for t in rotary_tables(256, 128, 10000.0))
+    x = torch.randn(2, 256, 256, device="cuda")
+    results = []
+    for layer in (ref, flex):
+        layer.zero_grad()
+        xi = x.clone().requires_grad_(True)
+        out, gate = layer(xi, cos, sin)
+        g = torch.Generator(device="cuda").manual_seed(1)
+        w_out = torch.randn(out.shape, generator=g, device="cuda")
+        w_gate = torch.randn(gate.shape, generator=g, device="cuda")
+        ((out * w_out).sum() + (gate * w_gate).sum()).backward()
+        results.append((out, gate, xi.grad, {n: p.grad for n, p in layer.named_parameters()}))
+    (o1, g1, x1, p1), (o2, g2, x2, p2) = results
+    torch.testing.assert_close(o2, o1, atol=2e-4, rtol=2e-3)
+    torch.testing.assert_close(g2, g1, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(x2, x1, atol=2e-3, rtol=2e-3)
+    for name in p1:
+        torch.testing.assert_close(p2[name], p1[name], atol=2e-3, rtol=2e-3, msg=f"gradient of {name}")
