@@ -81,7 +81,8 @@ def test_reference_backend_matches_explicit_softmax(attention):
 def test_vanilla_gate_is_one_minus_attention_on_token_zero():
     q, k, v = torch.randn(3, 1, 2, 7, 5, dtype=torch.float64).unbind(0)
     _, lse = reference_attention(q, k, v)
-    probs = torch.softmax((q @ k.transpose(-1, -2) / math.sqrt(5)).masked_fill(torch.ones(7, 7).triu(1).bool(), -1e9), -1)
+    scores = (q @ k.transpose(-1, -2) / math.sqrt(5)).masked_fill(torch.ones(7, 7).triu(1).bool(), -1e9)
+    probs = torch.softmax(scores, -1)
     sink_score = (q * k[:, :, :1]).sum(-1) / math.sqrt(5)
     torch.testing.assert_close(-torch.expm1(sink_score - lse), 1 - probs[..., 0])
     assert torch.all(probs[..., 0, 0] == 1)  # position 0 can only attend to itself: its gate is 0
