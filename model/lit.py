@@ -23,8 +23,8 @@ class BitsPerByte(Metric):
         self.add_state("bytes", torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
 
     def update(self, nll: torch.Tensor, target_bytes: torch.Tensor):
-        counted = target_bytes > 0
-        self.nats += nll[counted].double().sum()
+        counted = target_bytes > 0  # a mask, not indexing: no host sync in the training step
+        self.nats += torch.where(counted, nll, 0.0).double().sum()
         self.bytes += target_bytes.sum()
 
     def compute(self):
@@ -85,11 +85,11 @@ class SinkAwareLM(L.LightningModule):
 
     def all_ranks_mean(self, x):
         """Mean over DDP ranks that keeps the gradient (a few hundred floats per step)."""
-        if self.trainer.world_size == 1 or not torch.distributed.is_initialized():
+        if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
             return x
         from torch.distributed.nn.functional import all_reduce
 
-        return all_reduce(x) / self.trainer.world_size
+        return all_reduce(x) / torch.distributed.get_world_size()
 
     def training_step(self, batch, batch_idx):
         nll, imp, aux = self.step(batch)
