@@ -19,6 +19,7 @@ from functools import lru_cache
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 ATTENTIONS = ("vanilla", "sink", "gated")
 BACKENDS = ("auto", "reference", "flex")
@@ -34,6 +35,7 @@ class GPTConfig:
     attention: str = "vanilla"  # vanilla | sink | gated
     backend: str = "auto"  # auto (flex on CUDA, reference elsewhere) | reference | flex
     rope_base: float = 10000.0
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory (2b on 80 GB)
 
     def __post_init__(self):
         if self.attention not in ATTENTIONS:
@@ -225,7 +227,11 @@ class GPT(nn.Module):
         x = F.rms_norm(self.wte(idx), (self.cfg.n_embd,))
         gates = []
         for i, block in enumerate(self.blocks):
-            x, gate = block(x, self.rope_cos, self.rope_sin, None if head_mask is None else head_mask[i])
+            args = (x, self.rope_cos, self.rope_sin, None if head_mask is None else head_mask[i])
+            if self.cfg.activation_checkpointing and self.training:
+                x, gate = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+            else:
+                x, gate = block(*args)
             gates.append(gate)
         logits = self.lm_head(self.norm_f(x))
         return logits, torch.stack(gates)

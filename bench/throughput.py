@@ -1,0 +1,152 @@
+"""Training throughput per configuration: tokens/s, MFU and peak memory, Lightning vs a plain PyTorch loop.
+
+    python bench/throughput.py                                   # 0.6b, all variants, aux off/on, both loops
+    python bench/throughput.py --model 2b --attention gated --aux 1e-4 --loops plain --activation-checkpointing
+
+Both loops run the same LightningModule math (SinkAwareLM.step: LM loss + aux loss) on the same fixed
+batches (random tokens: this measures the model, not the data loader), in bf16 autocast with a compiled
+model and fused AdamW; the timed window starts after the warm-up steps (compilation) and is bracketed by
+CUDA syncs. MFU = tokens/s · (6·N + 12·L·C·T) / peak, peak = the GPU's dense bf16 FLOP/s.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from model.lit import SinkAwareLM  # noqa: E402
+
+CONF = Path(__file__).parents[1] / "conf"
+H100_BF16_DENSE = 989.4e12  # also the H200's (same compute die); Lightning knows the H100 only
+
+
+def model_fields(name: str) -> dict:
+    cfg = yaml.safe_load((CONF / "model" / f"{name}.yaml").read_text())
+    return {k: v for k, v in cfg.items() if not str(v).startswith("${")}  # drop interpolations
+
+
+def make_module(args, attention: str, aux_lambda: float) -> SinkAwareLM:
+    model = {**model_fields(args.model), "attention": attention, "vocab_size": args.vocab}
+    model["activation_checkpointing"] = args.activation_checkpointing
+    optim = yaml.safe_load((CONF / "optim" / "adamw.yaml").read_text())
+    return SinkAwareLM(model=model, optim=optim, aux={"lambda": aux_lambda, "scope": "global"}, compile=True)
+
+
+def fixed_batches(args, seq_len: int, n: int = 4) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(0, args.vocab, (args.batch_size, seq_len + 1), generator=g) for _ in range(n)]
+    return [{"input_ids": r[:, :-1], "targets": r[:, 1:], "target_bytes": torch.ones_like(r[:, 1:])} for r in rows]
+
+
+class Stopwatch(L.Callback):
+    """Times optimizer steps warmup+1 .. end, with CUDA syncs at both ends."""
+
+    def __init__(self, warmup: int):
+        self.warmup, self.start = warmup, None
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == self.warmup:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.start = time.perf_counter()
+
+    def on_train_end(self, trainer, *args):
+        torch.cuda.synchronize()
+        self.seconds = time.perf_counter() - self.start
+
+
+def run_lightning(args, module, batches) -> float:
+    stopwatch = Stopwatch(args.warmup)
+    trainer = L.Trainer(
+        accelerator="gpu",
+        devices=1,
+        precision="bf16-mixed",
+        max_steps=args.warmup + args.steps,
+        gradient_clip_val=1.0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[stopwatch],
+    )
+    loader = torch.utils.data.DataLoader(batches * (args.warmup + args.steps), batch_size=None, pin_memory=True)
+    trainer.fit(module, train_dataloaders=loader)
+    return stopwatch.seconds
+
+
+def run_plain(args, module, batches) -> float:
+    """The same math without Lightning: what a hand-written nanoGPT-style loop does."""
+    module.cuda()
+    module.configure_model()  # compile, as Lightning would
+    decay = [p for n, p in module.model.named_parameters() if p.dim() >= 2 and n != "wte.weight"]
+    rest = [p for n, p in module.model.named_parameters() if not (p.dim() >= 2 and n != "wte.weight")]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}], lr=3e-4, fused=True
+    )
+    for step in range(args.warmup + args.steps):
+        if step == args.warmup:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+        batch = {k: v.cuda(non_blocking=True) for k, v in batches[step % len(batches)].items()}
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            nll, _, aux = module.step(batch)
+            loss = nll.mean() + aux if module.aux_weight > 0 else nll.mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="0.6b")
+    parser.add_argument("--attention", nargs="+", default=["vanilla", "sink", "gated"])
+    parser.add_argument("--aux", nargs="+", type=float, default=[0.0, 1e-4])
+    parser.add_argument("--loops", nargs="+", default=["plain", "lightning"], choices=["plain", "lightning"])
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--vocab", type=int, default=65536)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--peak-flops", type=float, default=H100_BF16_DENSE)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/throughput.py needs a CUDA GPU")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    print(
+        f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, lightning {L.__version__}, "
+        f"batch {args.batch_size}, vocab {args.vocab}, {args.steps} timed steps after {args.warmup}"
+    )
+    print("| model | attention | aux λ | loop | tokens/s | MFU | peak mem GiB |")
+    print("|---|---|---|---|---|---|---|")
+    for attention in args.attention:
+        for aux_lambda in args.aux:
+            for loop in args.loops:
+                torch.manual_seed(0)
+                module = make_module(args, attention, aux_lambda)
+                seq_len = module.model.cfg.seq_len
+                batches = fixed_batches(args, seq_len)
+                seconds = (run_plain if loop == "plain" else run_lightning)(args, module, batches)
+                tokens_per_s = args.steps * args.batch_size * seq_len / seconds
+                mfu = tokens_per_s * module.model.flops_per_token() / args.peak_flops
+                memory = torch.cuda.max_memory_allocated() / 2**30
+                print(
+                    f"| {args.model} | {attention} | {aux_lambda:g} | {loop} | {tokens_per_s:,.0f} | "
+                    f"{mfu:.1%} | {memory:.1f} |",
+                    flush=True,
+                )
+                del module
+                torch._dynamo.reset()
+                torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
