@@ -1,39 +1,64 @@
-"""Tokens per second and MFU, shown on the progress bar and logged.
+"""Tokens per second and MFU, shown on the progress bar and logged as perf/tokens_per_s and perf/mfu.
 
-Timing is wall clock between batch ends over each logging window, so the step itself has no host sync;
-the first warmup_steps (compilation, allocator warm-up) are left out.
+Timing is wall clock between optimizer-step ends over each logging interval, so the step itself has no
+host sync; the first warmup_steps (compilation, allocator warm-up) and the time spent in validation are
+left out. MFU = tokens/s · FLOPs per token / peak, FLOPs per token = 6·N + 12·L·C·T (GPT.flops_per_token).
 """
 
 import time
 
 import lightning as L
+import torch
 from lightning.fabric.utilities.throughput import get_available_flops
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    """The dtype the matmuls run in under a Trainer precision string ("bf16-mixed", "32-true", ...)."""
+    if precision.startswith("bf16"):
+        return torch.bfloat16
+    return torch.float16 if precision.startswith("16") else torch.float32
 
 
 class SpeedMonitor(L.Callback):
     def __init__(self, warmup_steps: int = 3, peak_flops: float | None = None):
+        if warmup_steps < 0:
+            raise ValueError(f"callbacks.speed.warmup_steps={warmup_steps} must be >= 0")
         self.warmup_steps, self.peak_flops = warmup_steps, peak_flops
-        self.window_start, self.window_tokens = None, 0
+        self.window_start, self.window_tokens, self.last_step = None, 0, -1
+        self.validation_start = None
+        self.flops_per_token = {}  # seq_len -> FLOPs per token (counting parameters once per length)
 
     def on_fit_start(self, trainer, pl_module):
-        if self.peak_flops is None and trainer.strategy.root_device.type == "cuda":
-            self.peak_flops = get_available_flops(trainer.strategy.root_device, "bf16-true")
+        device = trainer.strategy.root_device
+        if self.peak_flops is None and device.type == "cuda":  # None for GPUs Lightning does not know (H200)
+            self.peak_flops = get_available_flops(device, compute_dtype(str(trainer.precision)))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
         if step < self.warmup_steps:
             return
         now = time.perf_counter()
-        if self.window_start is None:
-            self.window_start, self.window_tokens = now, 0
+        if self.window_start is None:  # the interval starts at the end of the last warm-up step
+            self.window_start, self.last_step = now, step
             return
-        self.window_tokens += batch["input_ids"].numel()
-        if step % trainer.log_every_n_steps:
+        self.window_tokens += batch["input_ids"].numel()  # every micro-batch of gradient accumulation counts
+        if step == self.last_step or step % trainer.log_every_n_steps:
             return
+        self.last_step = step
         tokens_per_s = self.window_tokens * trainer.world_size / (now - self.window_start)
         metrics = {"perf/tokens_per_s": tokens_per_s}
         if self.peak_flops:
-            flops_per_token = pl_module.model.flops_per_token(batch["input_ids"].size(1))
-            metrics["perf/mfu"] = tokens_per_s * flops_per_token / (self.peak_flops * trainer.world_size)
+            seq_len = batch["input_ids"].size(1)
+            if seq_len not in self.flops_per_token:
+                self.flops_per_token[seq_len] = pl_module.model.flops_per_token(seq_len)
+            metrics["perf/mfu"] = tokens_per_s * self.flops_per_token[seq_len] / (self.peak_flops * trainer.world_size)
         pl_module.log_dict(metrics, prog_bar=True, on_step=True, on_epoch=False, rank_zero_only=True)
         self.window_start, self.window_tokens = now, 0
+
+    def on_validation_start(self, trainer, pl_module):
+        self.validation_start = time.perf_counter()
+
+    def on_validation_end(self, trainer, pl_module):
+        if self.window_start is not None and self.validation_start is not None:
+            self.window_start += time.perf_counter() - self.validation_start  # validation is not training time
+        self.validation_start = None

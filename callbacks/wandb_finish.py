@@ -1,0 +1,31 @@
+"""Ends the W&B run with the fit and, for an offline run, prints the command that uploads it.
+
+One process can run several fits: Hydra multirun's basic launcher runs its jobs one after another, and
+WandbLogger reuses a live wandb.run, so without wandb.finish() every job would log into the first job's run.
+"""
+
+import logging
+
+import lightning as L
+from lightning.pytorch.loggers import WandbLogger
+
+log = logging.getLogger(__name__)
+
+
+class WandbFinish(L.Callback):
+    def teardown(self, trainer, pl_module, stage):
+        if stage == "fit":
+            self.finish(trainer, exit_code=0)
+
+    def on_exception(self, trainer, pl_module, exception):
+        self.finish(trainer, exit_code=1)
+
+    def finish(self, trainer, exit_code: int) -> None:
+        import wandb
+
+        run = wandb.run
+        if run is None or not any(isinstance(logger, WandbLogger) for logger in trainer.loggers):
+            return
+        run.finish(exit_code=exit_code)
+        if run.offline:
+            log.info("W&B run saved offline; upload it with:  wandb sync %s", run.settings.sync_dir)
