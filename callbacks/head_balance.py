@@ -45,6 +45,12 @@ def balance_metrics(imp, shared) -> dict[str, float]:
     return metrics
 
 
+def heatmap_figure(imp: np.ndarray, step: int, shared: np.ndarray | None):
+    """The heatmap this callback logs: imp (L, H), shared (L, H) bool or None."""
+    cv_mean = float(np.mean(imp.std(axis=1) / imp.mean(axis=1)))
+    return importance_heatmap(imp, f"head importance at step {step}, mean CV {cv_mean:.3f}", shared)
+
+
 class HeadBalanceMonitor(L.Callback):
     def __init__(self, heatmap_every_n_steps: int = 100, dirpath: str | None = None):
         """heatmap_every_n_steps: draw the heatmap at the first logging step at or after each multiple of it
@@ -106,9 +112,7 @@ class HeadBalanceMonitor(L.Callback):
 
     def draw_heatmap(self, trainer, step: int, imp: np.ndarray) -> None:
         shared = self.shared.numpy() if self.shared.any() else None
-        cv_mean = float(np.mean(imp.std(axis=1) / imp.mean(axis=1)))
-        title = f"head importance at step {step}, mean CV {cv_mean:.3f}"
-        image = figure_to_array(importance_heatmap(imp, title, shared))
+        image = figure_to_array(heatmap_figure(imp, step, shared))
         self.publish(trainer, "heads/heatmap", image, step, f"importance_step_{step:06d}.png")
         self.last_heatmap_step = step
 

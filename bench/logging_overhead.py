@@ -1,0 +1,97 @@
+"""What observing costs: training tokens/s with the configured logger and callbacks on vs all of them off.
+
+    python bench/logging_overhead.py                                  # CPU tiny model, default logging interval
+    python bench/logging_overhead.py --steps 300 model=0.6b trainer=gpu attention=gated   # any train.py overrides
+
+Both variants build the run from the same composed train.py config on the same data, seed and steps;
+"off" drops every callback and the logger (and the progress bar). Validation and checkpointing are off in
+both: they are not logging. The timed window runs from the end of step --warmup to the end of training,
+bracketed by CUDA syncs on a GPU. The variants alternate --repeats times; the medians are compared.
+"""
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+
+ROOT = Path(__file__).parents[1]
+sys.path.insert(0, str(ROOT))
+from train import build  # noqa: E402
+
+
+class Stopwatch(L.Callback):
+    """Wall time from the end of step `warmup` to the end of training."""
+
+    def __init__(self, warmup: int):
+        self.warmup, self.start, self.seconds = warmup, None, None
+
+    def sync(self):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == self.warmup and self.start is None:
+            self.sync()
+            self.start = time.perf_counter()
+
+    def on_train_end(self, trainer, *args):
+        self.sync()
+        self.seconds = time.perf_counter() - self.start
+
+
+def tokens_per_s(args, observed: bool, output_dir: str) -> float:
+    overrides = [
+        *args.overrides,
+        f"trainer.max_steps={args.warmup + args.steps}",
+        "trainer.limit_val_batches=0",
+        "+trainer.enable_checkpointing=false",
+        f"paths.output_dir={output_dir}",
+    ]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)  # the config interpolates ${hydra:...}
+    with open_dict(cfg):
+        cfg.callbacks = {k: v for k, v in cfg.callbacks.items() if observed and "checkpoint" not in k}
+        if not observed:
+            cfg.logger = None
+            cfg.trainer.enable_progress_bar = False
+    L.seed_everything(cfg.seed)
+    datamodule, module, trainer = build(cfg)
+    stopwatch = Stopwatch(args.warmup)
+    trainer.callbacks.append(stopwatch)
+    trainer.fit(module, datamodule=datamodule)
+    batch_tokens = cfg.data.batch_size * cfg.model.seq_len * trainer.world_size
+    return args.steps * batch_tokens / stopwatch.seconds
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=200, help="timed optimizer steps")
+    parser.add_argument("--warmup", type=int, default=10, help="steps before the timed window")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each variant, alternating")
+    parser.add_argument("overrides", nargs="*", help="train.py overrides, e.g. model=small trainer=gpu")
+    args = parser.parse_args()
+    results = {"off": [], "on": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for repeat in range(args.repeats):
+            for variant in ("off", "on"):
+                speed = tokens_per_s(args, variant == "on", f"{tmp}/{variant}{repeat}")
+                results[variant].append(speed)
+                print(f"# run {repeat} {variant:>3}: {speed:,.0f} tokens/s", flush=True)
+    off, on = statistics.median(results["off"]), statistics.median(results["on"])
+    print(f"overrides: {' '.join(args.overrides) or '(defaults)'}; {args.steps} steps after {args.warmup}")
+    print(f"callbacks+logger off: {off:,.0f} tokens/s (median of {args.repeats})")
+    print(f"callbacks+logger on:  {on:,.0f} tokens/s (median of {args.repeats})")
+    print(f"on / off = {on / off:.4f}  (overhead {100 * (1 - on / off):+.2f}%)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,286 @@
+"""What a run records: W&B offline (read back from its .wandb file), CSV and TensorBoard carry the head-balance
+scalars, BPB, losses, lr and throughput with the values of a known model state; heatmaps land where the
+collapsed head is; the configs instantiate."""
+
+import csv
+import json
+import math
+import struct
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+from PIL import Image
+
+from callbacks.head_balance import HeadBalanceMonitor, heatmap_figure
+from callbacks.progress import ProgressBar
+from callbacks.speed import SpeedMonitor
+from callbacks.wandb_finish import WandbFinish
+from model.balance import coefficient_of_variation, importance
+from model.lit import SinkAwareLM
+
+ROOT = Path(__file__).parents[1]
+N_HEAD, STEPS = 4, 4
+FROZEN = {"lr": 0.0, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1, "warmup_steps": 1}  # lr 0: fixed state
+
+
+def tiny_module(attention: str) -> SinkAwareLM:
+    torch.manual_seed(0)
+    model = dict(vocab_size=64, n_layer=2, n_embd=64, n_head=N_HEAD, seq_len=16, attention=attention)
+    optim = {**FROZEN, "decay": "none", "min_lr_ratio": 1.0}
+    return SinkAwareLM(model={**model, "backend": "reference"}, optim=optim, aux={"lambda": 0.0, "scope": "local"})
+
+
+def fixed_batches(n: int = STEPS) -> list[dict]:
+    g = torch.Generator().manual_seed(1)
+    rows = torch.randint(1, 64, (n, 2, 17), generator=g)
+    rows[:, :, 0] = 0  # BOS: position 0 is the sink
+    target_bytes = torch.randint(0, 3, (n, 2, 16), generator=g)  # some tokens carry no bytes
+    return [
+        {"input_ids": r[:, :-1], "targets": r[:, 1:], "target_bytes": b}
+        for r, b in zip(rows, target_bytes, strict=True)
+    ]
+
+
+def fit(module, tmp_path, logger, callbacks, log_every=2, steps=STEPS, validate=True):
+    batches = fixed_batches(steps)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        log_every_n_steps=log_every,
+        logger=logger,
+        callbacks=callbacks,
+        limit_val_batches=2 if validate else 0,
+        num_sanity_val_steps=0,
+        enable_checkpointing=False,
+        enable_progress_bar=any(isinstance(c, ProgressBar) for c in callbacks),
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    loader = torch.utils.data.DataLoader(batches, batch_size=None)  # the batches as they are, in order
+    trainer.fit(module, train_dataloaders=loader, val_dataloaders=loader)
+    return trainer, batches
+
+
+@torch.no_grad()
+def expected_importance(module, batches) -> torch.Tensor:
+    return torch.stack([importance(module.model(b["input_ids"])[1]) for b in batches]).mean(0).double()
+
+
+@torch.no_grad()
+def expected_bpb(module, batch) -> float:
+    logits, _ = module.model(batch["input_ids"])
+    nll = F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten(), reduction="none")
+    counted = batch["target_bytes"].flatten() > 0
+    return (nll[counted].sum() / (math.log(2) * batch["target_bytes"].sum())).item()
+
+
+def head_keys(imp: torch.Tensor) -> dict[str, float]:
+    cv = coefficient_of_variation(imp)
+    keys = {f"heads/cv/L{layer:02d}": cv[layer].item() for layer in range(imp.size(0))}
+    keys["heads/cv_mean"] = cv.mean().item()
+    for layer, head in np.ndindex(*imp.shape):
+        keys[f"heads/importance/L{layer:02d}/H{head:02d}"] = imp[layer, head].item()
+    return keys
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading an offline W&B run: the .wandb file is a LevelDB-style log (32 KiB blocks, each record a 7-byte
+# header: crc32 (4), length (2), type (1)) of wandb_internal_pb2.Record protobufs. wandb 0.31 ships no
+# Python reader for it (the Go core writes it), so this is the format spelled out.
+
+
+def wandb_records(path: Path):
+    from wandb.proto import wandb_internal_pb2
+
+    data, block, header = path.read_bytes(), 32768, 7
+    assert data[:4] == b":W&B", f"{path} is not a W&B transaction log"
+    pos, pending = header, b""
+    while pos + header <= len(data):
+        if block - pos % block < header:  # block trailer too small for a header: zero padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack_from("<IHB", data, pos)
+        if kind == 0:
+            break
+        pending = (b"" if kind in (1, 2) else pending) + data[pos + header : pos + header + length]  # FULL/FIRST
+        pos += header + length
+        if kind in (1, 4):  # FULL / LAST
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            yield record
+
+
+def wandb_history(run_dir: Path) -> list[dict]:
+    (log,) = run_dir.glob("run-*.wandb")
+    rows = []
+    for record in wandb_records(log):
+        if record.WhichOneof("record_type") == "history":
+            items = record.history.item
+            rows.append({("/".join(i.nested_key) or i.key): json.loads(i.value_json) for i in items})
+    return rows
+
+
+def row_at(rows: list[dict], step: int, key: str) -> dict:
+    matches = [r for r in rows if r.get("trainer/global_step") == step and key in r]
+    assert len(matches) == 1, f"{key} at step {step}: {len(matches)} rows"
+    return matches[0]
+
+
+def test_wandb_offline_run_reads_back_with_the_values_of_the_model(tmp_path, monkeypatch, caplog):
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")  # WandbLogger(offline=True) sets it; restored after the test
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    module = tiny_module("sink")
+    with torch.no_grad():
+        for block in module.model.blocks:
+            block.attn.sink_logit.normal_(0.0, 2.0)  # heads of unequal importance
+    logger = WandbLogger(project="test", save_dir=str(tmp_path), offline=True)
+    callbacks = [HeadBalanceMonitor(heatmap_every_n_steps=2), SpeedMonitor(warmup_steps=1), LearningRateMonitor()]
+    with caplog.at_level("INFO", logger="callbacks.wandb_finish"):
+        trainer, batches = fit(module, tmp_path, logger, [*callbacks, WandbFinish()])
+    assert wandb.run is None  # finished: the next Hydra multirun job gets a run of its own
+    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+    assert f"wandb sync {run_dir}" in caplog.text
+    rows = wandb_history(run_dir)
+
+    for step, interval in ((2, batches[:2]), (4, batches[2:])):  # each interval's mean, on the model's batches
+        row = row_at(rows, step, "heads/cv_mean")
+        for key, value in head_keys(expected_importance(module, interval)).items():
+            assert row[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+        heatmap = row_at(rows, step, "heads/heatmap/_type")
+        assert heatmap["heads/heatmap/_type"] == "images/separated"
+        assert (run_dir / "files" / heatmap["heads/heatmap/filenames"][0]).is_file()
+        assert (tmp_path / "heads" / f"importance_step_{step:06d}.png").is_file()
+    assert row_at(rows, 4, "heads/cv_curve/_type")["heads/cv_curve/count"] == 1
+    assert row_at(rows, 2, "heads/cv_mean")["heads/cv_mean"] > 0.05  # the check above compared real spread
+
+    # Lightning's own rows: step = index of the batch (global_step - 1).
+    train_row = row_at(rows, 1, "train/bpb")
+    assert train_row["train/bpb"] == pytest.approx(expected_bpb(module, batches[1]), rel=1e-5)
+    assert {"train/loss", "train/aux_loss", "perf/tokens_per_s"} <= train_row.keys()
+    assert any("lr-AdamW/pg1" in r for r in rows)
+    assert any("val/bpb" in r and "val/loss" in r for r in rows)
+
+
+def read_csv(path: Path) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {}
+    for row in csv.DictReader(open(path)):
+        for key, value in row.items():
+            if value:
+                out.setdefault(key, []).append(float(value))
+    return out
+
+
+def test_csv_carries_every_metric_and_mfu_uses_the_given_peak(tmp_path):
+    module = tiny_module("vanilla")
+    bar = ProgressBar()
+    callbacks = [HeadBalanceMonitor(), SpeedMonitor(warmup_steps=1, peak_flops=1e12), LearningRateMonitor(), bar]
+    trainer, batches = fit(module, tmp_path, CSVLogger(tmp_path, name="csv", version=""), callbacks)
+    m = read_csv(tmp_path / "csv" / "metrics.csv")
+    for key in ("train/loss", "train/aux_loss", "train/bpb", "val/loss", "val/bpb", "lr-AdamW/pg1", "heads/cv/L01"):
+        assert key in m, key
+    assert m["heads/importance/L01/H03"][-1] == pytest.approx(expected_importance(module, batches[2:])[1, 3].item())
+    flops = module.model.flops_per_token(16)
+    assert np.allclose(np.array(m["perf/mfu"]) / np.array(m["perf/tokens_per_s"]), flops / 1e12)
+    assert list(bar.get_metrics(trainer, module)) == ["loss", "bpb", "val_bpb", "tok/s"]  # short, in order
+    assert (tmp_path / "heads" / "importance_step_000004.png").is_file()  # at the end
+    assert (tmp_path / "heads" / "cv_curve.png").is_file()
+
+
+def test_tensorboard_gets_scalars_and_images(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = TensorBoardLogger(tmp_path, name="tensorboard", version="", default_hp_metric=False)
+    fit(tiny_module("vanilla"), tmp_path, logger, [HeadBalanceMonitor(heatmap_every_n_steps=2), SpeedMonitor(1)])
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0}).Reload()
+    scalars, images = set(events.Tags()["scalars"]), set(events.Tags()["images"])
+    assert {"train/loss", "train/bpb", "val/bpb", "heads/cv_mean", "heads/importance/L00/H00"} <= scalars
+    assert {"heads/heatmap", "heads/cv_curve"} <= images
+    assert [e.step for e in events.Images("heads/heatmap")] == [2, 4]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A collapsed-by-construction model: every token's normed input is sqrt(C)·e_0 (embeddings on one axis; the
+# zero-initialised output projections keep the residual stream there in every layer), and gate_proj reads
+# that axis with +2 for the collapsed head and -2 for the others: gates σ(±16), one head carries the mass.
+
+COLLAPSED_HEAD = 2
+
+
+def collapsed_module(collapse: bool) -> SinkAwareLM:
+    module = tiny_module("gated")
+    with torch.no_grad():
+        module.model.wte.weight.zero_()
+        module.model.wte.weight[:, 0] = 1.0
+        for block in module.model.blocks:
+            block.attn.gate_proj.weight.zero_()  # balanced: every gate σ(0) = 0.5
+            if collapse:
+                block.attn.gate_proj.weight[:, 0] = -2.0
+                block.attn.gate_proj.weight[COLLAPSED_HEAD, 0] = 2.0
+    return module
+
+
+def cell_pixel(image: np.ndarray, imp: np.ndarray, step: int, shared, layer: float, head: float) -> np.ndarray:
+    """The RGB of the rendered heatmap at data point (head, layer), located in the same figure the callback drew."""
+    fig = heatmap_figure(imp, step, shared)
+    fig.canvas.draw()
+    x, y = fig.axes[0].transData.transform((head, layer))
+    assert image.shape[:2] == (fig.canvas.get_width_height()[1], fig.canvas.get_width_height()[0])
+    return image[int(round(image.shape[0] - y)), int(round(x))].astype(int)
+
+
+def test_collapsed_model_has_cv_sqrt_h_minus_1_and_bright_cells_at_its_head(tmp_path):
+    import matplotlib
+
+    module = collapsed_module(collapse=True)
+    module.shared_heads[1, COLLAPSED_HEAD] = True  # as fine-tuning would mark it: outlined, routed CV apart
+    fit(module, tmp_path, CSVLogger(tmp_path, name="csv", version=""), [HeadBalanceMonitor()], validate=False)
+    m = read_csv(tmp_path / "csv" / "metrics.csv")
+    for layer in range(2):
+        assert m[f"heads/cv/L{layer:02d}"][-1] == pytest.approx(math.sqrt(N_HEAD - 1), rel=1e-5)
+    assert m["heads/cv_routed/L00"][-1] == pytest.approx(math.sqrt(N_HEAD - 1), rel=1e-5)  # no shared head in L00
+    assert m["heads/cv_routed/L01"][-1] == pytest.approx(0.0, abs=1e-6)  # the routed heads of L01 are all equal
+
+    imp = np.array([[m[f"heads/importance/L{l:02d}/H{h:02d}"][-1] for h in range(N_HEAD)] for l in range(2)])
+    shared = module.shared_heads.numpy()
+    image = np.asarray(Image.open(tmp_path / "heads" / f"importance_step_{STEPS:06d}.png").convert("RGB"))
+    bright, dark = (np.array(matplotlib.colormaps["viridis"](v)[:3]) * 255 for v in (1.0, 0.0))
+    for layer, head in np.ndindex(2, N_HEAD):
+        expected = bright if head == COLLAPSED_HEAD else dark
+        assert np.abs(cell_pixel(image, imp, STEPS, shared, layer, head) - expected).max() <= 2, (layer, head)
+    # The shared head is outlined in red: some pixel near its cell's left edge.
+    edge = [cell_pixel(image, imp, STEPS, shared, 1, COLLAPSED_HEAD - 0.5 + dx) for dx in np.linspace(-0.1, 0.1, 9)]
+    assert any(r > 200 and g < 80 and b < 80 for r, g, b in edge)
+
+
+def test_balanced_model_has_cv_zero(tmp_path):
+    fit(collapsed_module(collapse=False), tmp_path, CSVLogger(tmp_path, name="csv", version=""), [HeadBalanceMonitor()])
+    m = read_csv(tmp_path / "csv" / "metrics.csv")
+    assert m["heads/cv_mean"] == pytest.approx([0.0, 0.0], abs=1e-7)
+    assert m["heads/importance/L01/H03"][-1] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("logger", ["wandb", "csv", "tensorboard"])
+def test_configs_instantiate_into_the_run_directory(tmp_path, logger):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.utils import instantiate
+
+    overrides = [f"paths.output_dir={tmp_path}"] + ([] if logger == "wandb" else [f"logger={logger}"])
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    built = instantiate(cfg.logger)
+    assert Path(built.save_dir) == tmp_path
+    if logger == "wandb":  # the default: offline, nothing uploaded
+        assert built._offline and not built._log_model
+    callbacks = {name: instantiate(c) for name, c in cfg.callbacks.items() if c is not None}
+    assert {"speed", "progress", "head_balance", "wandb_finish"} <= callbacks.keys()
+    assert callbacks["head_balance"].dirpath == f"{tmp_path}/heads"
