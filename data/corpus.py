@@ -1,92 +1,180 @@
-"""The offline default corpus: real English text that every Python installation ships.
+"""Where documents come from, opened as one Hugging Face `datasets` stream whatever the source:
 
-Documents are the language-reference topics of `pydoc_data` and the docstrings of the standard
-library's modules (read with `ast`, nothing is imported or executed). They are written once as parquet
-shards in FineWeb-Edu's column schema, so the default run reads them through the same streaming code
-path as FineWeb-Edu itself.
+- a hub dataset by id, e.g. HuggingFaceFW/fineweb-edu with name=sample-10BT;
+- a local copy with the hub's folder layout (a folder with the dataset card README.md), same `name`;
+- local .parquet / .jsonl / .json / .txt files: a folder (searched recursively), a file or a glob.
+  A .txt file is one document.
+
+Documents are held out for validation by a hash of their id (of their text when there is no id column),
+so the split is fixed, independent of order, sharding and seeds, and train and validation never overlap.
 """
 
-import ast
+import glob
 import hashlib
 import logging
-import random
-import sysconfig
+import re
+from functools import cached_property, partial
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
+import numpy as np
 
 log = logging.getLogger(__name__)
 
-FINEWEB_SCHEMA = pa.schema(
-    [
-        ("text", pa.string()),
-        ("id", pa.string()),
-        ("dump", pa.string()),
-        ("url", pa.string()),
-        ("file_path", pa.string()),
-        ("language", pa.string()),
-        ("language_score", pa.float64()),
-        ("token_count", pa.int64()),
-        ("score", pa.float64()),
-        ("int_score", pa.int64()),
-    ]
-)
-MIN_DOC_CHARS = 200
+SUFFIX_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "text"}
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+SPLITS = ("train", "validation")
 
 
-def _stdlib_documents():
-    """(source name, text) pairs: pydoc topics, then one document per stdlib module's docstrings."""
-    from pydoc_data.topics import topics
-
-    for name, text in sorted(topics.items()):
-        yield f"pydoc_data/topics/{name}", text
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for path in sorted(stdlib.rglob("*.py")):
-        rel = path.relative_to(stdlib).as_posix()
-        if rel.startswith(("site-packages", "test", "idlelib")) or "/test" in rel:
-            continue
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, ValueError):
-            continue
-        kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
-        docs = [ast.get_docstring(node) for node in ast.walk(tree) if isinstance(node, kinds)]
-        text = "\n\n".join(d for d in docs if d)
-        yield f"stdlib/{rel}", text
+def is_validation(doc_id: str, val_permille: int) -> bool:
+    """A fixed, content-independent split: a document is in validation iff its id hashes below the cut."""
+    return int(hashlib.sha1(doc_id.encode()).hexdigest()[:8], 16) % 1000 < val_permille
 
 
-def _row(source: str, text: str) -> dict:
-    return {
-        "text": text,
-        "id": f"<urn:sha1:{hashlib.sha1(source.encode()).hexdigest()}>",
-        "dump": "python-stdlib",
-        "url": f"python://{source}",
-        "file_path": source,
-        "language": "en",
-        "language_score": 1.0,
-        "token_count": len(text.encode()),
-        "score": 3.0,
-        "int_score": 3,
-    }
+def in_split(doc: dict, text_column: str, id_column: str, val_permille: int, validation: bool) -> bool:
+    doc_id = doc.get(id_column) or hashlib.sha1(doc[text_column].encode()).hexdigest()
+    return is_validation(doc_id, val_permille) == validation
 
 
-def build_offline_corpus(cache_dir: str | Path, num_shards: int = 8) -> Path:
-    """Write the corpus under cache_dir (once; a second call reuses it) and return its folder."""
-    out = Path(cache_dir).expanduser() / "python-docs-v1"
-    done = out / "_COMPLETE"
-    if done.exists():
-        return out
-    out.mkdir(parents=True, exist_ok=True)
-    rows = [_row(src, text) for src, text in _stdlib_documents() if len(text) >= MIN_DOC_CHARS]
-    random.Random(0).shuffle(rows)  # mix topics and modules across shards and along the stream
-    if not rows:
-        raise RuntimeError("the offline corpus came out empty: this Python ships no docs or docstrings")
-    for shard in range(num_shards):
-        part = rows[shard::num_shards]
-        tmp = out / f".train-{shard:05d}.parquet.tmp"
-        pq.write_table(pa.Table.from_pylist(part, schema=FINEWEB_SCHEMA), tmp)
-        tmp.rename(out / f"train-{shard:05d}-of-{num_shards:05d}.parquet")
-    done.write_text(f"{len(rows)} documents\n")
-    log.info("wrote the offline corpus: %d documents in %d shards under %s", len(rows), num_shards, out)
-    return out
+def node_split_strategy(num_shards: int, world_size: int) -> str:
+    """How `split_dataset_by_node` divides the stream. "shards": each rank reads only its own files or row
+    groups; when they do not divide evenly some ranks get one shard more, which is negligible once every
+    rank has many. "examples": every rank reads every shard and keeps 1 document in world_size: exact
+    balance for world_size times the reading (FineWeb-Edu sample-10BT has 14 files: 8 ranks would each read
+    all 28 GB), so it is only the fallback for corpora with few shards."""
+    return "shards" if num_shards % world_size == 0 or num_shards >= 8 * world_size else "examples"
+
+
+# Our shuffle buffer holds one document and is empty between documents, so the warning `datasets` logs
+# on every resume ("the shuffle buffer will be refilled") does not apply: the stream resumes exactly.
+logging.getLogger("datasets.iterable_dataset").addFilter(lambda record: "shuffle buffer" not in record.getMessage())
+
+
+class Corpus:
+    """A document source plus its train / validation split.
+
+    path: hub dataset id, folder, file or glob. name: the hub config (subset), for the hub or a local copy
+    with its layout. text_column / id_column: the columns holding the text and a stable document id.
+    val_permille: documents per thousand held out for validation. mix_shards: shards each dataloader
+    worker reads round-robin, so consecutive documents come from different files.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        name: str | None = None,
+        text_column: str = "text",
+        id_column: str = "id",
+        val_permille: int = 50,
+        mix_shards: int = 8,
+    ):
+        if not 0 <= val_permille < 1000:
+            raise ValueError(f"data.corpus.val_permille={val_permille} must be in [0, 1000)")
+        self.path, self.name = str(path), name
+        self.text_column, self.id_column = text_column, id_column
+        self.val_permille, self.mix_shards = val_permille, mix_shards
+
+    def fingerprint(self) -> dict:
+        """What identifies this corpus and its training split (a key for caches built from it)."""
+        local = Path(self.path).expanduser()
+        path = str(local.resolve()) if local.exists() else self.path
+        return {"path": path, "name": self.name, "text": self.text_column, "id": self.id_column,
+                "val_permille": self.val_permille}  # fmt: skip
+
+    @cached_property
+    def stream(self):
+        """The whole corpus in file order; parquet is split into one shard per row group, so that ranks and
+        workers can divide even a corpus of a few large files."""
+        return self._open().reshard()
+
+    def _open(self):
+        from datasets import load_dataset
+
+        local = Path(self.path).expanduser()
+        if local.is_dir() and (local / "README.md").exists():  # a local copy of a hub dataset
+            return load_dataset(str(local), name=self.name, split="train", streaming=True)
+        if HUB_ID.match(self.path) and not local.exists():
+            self._check_hub_reachable()
+            return load_dataset(self.path, name=self.name, split="train", streaming=True)
+        if local.is_dir():
+            files = sorted(f for f in local.rglob("*") if f.suffix in SUFFIX_BUILDERS and f.is_file())
+        elif glob.has_magic(self.path):
+            files = sorted(Path(f) for f in glob.glob(str(local), recursive=True) if Path(f).suffix in SUFFIX_BUILDERS)
+        elif local.is_file():
+            files = [local]
+        else:
+            raise FileNotFoundError(
+                f"data.corpus.path={self.path} does not exist: give a folder, file or glob of "
+                f"{'/'.join(SUFFIX_BUILDERS)} files, a local copy of a hub dataset, or a hub id like owner/name"
+            )
+        if not files:
+            raise FileNotFoundError(f"data.corpus.path={self.path} holds no {'/'.join(SUFFIX_BUILDERS)} files")
+        builders = {SUFFIX_BUILDERS.get(f.suffix) for f in files}
+        if len(builders) != 1 or None in builders:
+            raise ValueError(f"data.corpus.path={self.path} mixes file types {sorted(map(str, builders))}: use one")
+        builder = builders.pop()
+        options = {"sample_by": "document"} if builder == "text" else {}  # a .txt file is one document
+        return load_dataset(builder, data_files=[str(f) for f in files], split="train", streaming=True, **options)
+
+    def _check_hub_reachable(self):
+        """Fail in seconds, not after minutes of retries, when the hub cannot be reached."""
+        from datasets import config
+        from huggingface_hub import constants
+
+        from data.tokenizer import reachable
+
+        why = "HF_HUB_OFFLINE=1 is set" if config.HF_HUB_OFFLINE else None
+        if why is None and not reachable(constants.ENDPOINT):
+            why = f"{constants.ENDPOINT} is unreachable"
+        if why:
+            subset = f" --include '{self.name.replace('sample-', 'sample/')}/*'" if self.name else ""
+            raise FileNotFoundError(
+                f"data.corpus.path={self.path} is not a local folder and {why}: download it once with "
+                f"`hf download {self.path} --repo-type dataset{subset} --local-dir DIR` and set data.corpus.path=DIR"
+            )
+
+    def check(self):
+        """Fail early, in the main process, on an empty corpus or a missing text column."""
+        first = next(iter(self.stream), None)
+        if first is None:
+            raise ValueError(f"data.corpus.path={self.path} holds no documents: point it at a non-empty corpus")
+        if self.text_column not in first:
+            raise ValueError(
+                f"data.corpus.path={self.path} has no column {self.text_column!r} (its columns: {sorted(first)}): "
+                "set data.corpus.text_column to the column that holds the text"
+            )
+        if self.id_column not in first:
+            log.info("no %r column in %s: documents are split by a hash of their text", self.id_column, self.path)
+
+    def documents(self, split: str, seed: int, epoch: int = 0, rank: int = 0, world_size: int = 1):
+        """This rank's documents of `split` in epoch `epoch`: shard order shuffled by (seed, epoch), the same on
+        every rank, so the ranks divide the corpus between them. Inside dataloader workers, `datasets` divides
+        the rank's shards between the workers. Resumable exactly with state_dict / load_state_dict."""
+        from datasets.distributed import split_dataset_by_node
+
+        if split not in SPLITS:
+            raise ValueError(f"split={split!r} is not one of {SPLITS}")
+        # A shuffle buffer of 1 keeps the stream exactly resumable (a larger buffer's content is not saved);
+        # the mixing comes from the shuffled shard order and reading mix_shards shards round-robin.
+        docs = self.stream.shuffle(
+            generator=np.random.default_rng([seed, epoch]), buffer_size=1, max_buffer_input_shards=self.mix_shards
+        )
+        if world_size > 1:
+            strategy = node_split_strategy(docs.num_shards, world_size)
+            docs = split_dataset_by_node(docs, rank=rank, world_size=world_size, strategy=strategy)
+        keep = partial(
+            in_split,
+            text_column=self.text_column,
+            id_column=self.id_column,
+            val_permille=self.val_permille,
+            validation=split == "validation",
+        )
+        return docs.filter(keep)
+
+    def training_texts(self, max_chars: int):
+        """Texts of the training split, in stream order, up to about max_chars characters (to train a BPE)."""
+        total = 0
+        for doc in self.documents("train", seed=0):
+            yield doc[self.text_column]
+            total += len(doc[self.text_column])
+            if total >= max_chars:
+                return

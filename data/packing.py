@@ -1,0 +1,89 @@
+"""Documents -> rows of seq_len + 1 tokens, each starting with BOS (position 0 is the sink).
+
+Documents are joined as [BOS] doc [BOS] doc ...; the stream is cut into rows, and a row that would start
+inside a document gets a BOS of its own. Tokenization happens here, so inside the dataloader workers.
+"""
+
+from collections import deque
+
+import torch
+from torch.utils.data import IterableDataset
+
+FRESH = {"epoch": 0, "docs": None, "skip": 0}
+
+
+class PackedRows(IterableDataset):
+    """Rows of packed documents; `documents(epoch)` gives the (resumable) document stream of an epoch.
+
+    The position saved by state_dict is small: the epoch, the document stream's state just before the
+    first document the next row draws from, and how many of that document's tokens earlier rows used.
+    Restoring re-reads and re-tokenizes that document, so no token lists travel with the state.
+    epochs=None streams forever (training); 1 gives one pass (validation).
+    """
+
+    def __init__(self, documents, tokenizer, seq_len: int, text_column: str = "text", epochs: int | None = None):
+        self.documents, self.tokenizer, self.text_column = documents, tokenizer, text_column
+        self.width, self.epochs = seq_len + 1, epochs
+        self.token_bytes = tokenizer.token_bytes
+        self.position = dict(FRESH)  # where the next row starts
+        self.resume_from = None  # set by load_state_dict, used by the next __iter__
+
+    def state_dict(self) -> dict:
+        return dict(self.position)
+
+    def load_state_dict(self, state: dict):
+        self.resume_from = dict(state)
+
+    def __iter__(self):
+        start, self.resume_from = self.resume_from or dict(FRESH), None
+        epoch = start["epoch"]
+        while self.epochs is None or epoch < self.epochs:
+            resumed = epoch == start["epoch"] and start["docs"] is not None
+            docs_read = yield from self.epoch_rows(epoch, start if epoch == start["epoch"] else FRESH)
+            if docs_read == 0 and not resumed:
+                return  # no shard of the corpus fell to this worker
+            epoch += 1
+
+    def epoch_rows(self, epoch: int, start: dict):
+        """Yield the rows of one epoch from `start`; return the number of documents read. The tokens left at
+        the end of the epoch (less than a row) are dropped."""
+        bos = self.tokenizer.bos_id
+        docs = self.documents(epoch)
+        docs.load_state_dict(start["docs"])  # None: from the first document
+        pending = deque()  # (stream state before the document, [BOS] + its tokens), not fully used yet
+        offset = start["skip"]  # tokens of pending[0] already in rows
+        available = -offset  # tokens in pending not in rows yet
+        state_before, docs_read, rows = start["docs"], 0, 0
+        for doc in docs:
+            tokens = [bos] + self.tokenizer.encode(doc[self.text_column])
+            pending.append((state_before, tokens))
+            available += len(tokens)
+            state_before = docs.state_dict()
+            docs_read += 1
+            # A row starting on a document's BOS takes width tokens; one starting inside a document
+            # takes width - 1 and gets a BOS in front.
+            while available >= self.width - (offset > 0):
+                row = [] if offset == 0 else [bos]
+                while len(row) < self.width:
+                    tokens = pending[0][1]
+                    take = min(self.width - len(row), len(tokens) - offset)
+                    row += tokens[offset : offset + take]
+                    offset += take
+                    available -= take
+                    if offset == len(tokens):
+                        pending.popleft()
+                        offset = 0
+                self.position = {"epoch": epoch, "docs": pending[0][0] if pending else state_before, "skip": offset}
+                rows += 1
+                yield self.as_example(torch.tensor(row))
+        if docs_read and not rows and start["docs"] is None:
+            raise ValueError(
+                f"an epoch of this worker's documents holds fewer than seq_len + 1 = {self.width} tokens: "
+                "use a larger corpus, a smaller model.seq_len, or fewer data.num_workers"
+            )
+        self.position = {"epoch": epoch + 1, "docs": None, "skip": 0}
+        return docs_read
+
+    def as_example(self, row: torch.Tensor) -> dict:
+        targets = row[1:]
+        return {"input_ids": row[:-1], "targets": targets, "target_bytes": self.token_bytes[targets]}
