@@ -10,6 +10,7 @@ import time
 import lightning as L
 import torch
 from lightning.fabric.utilities.throughput import get_available_flops
+from lightning.pytorch.utilities import rank_zero_warn
 
 
 def compute_dtype(precision: str) -> torch.dtype:
@@ -30,8 +31,13 @@ class SpeedMonitor(L.Callback):
 
     def on_fit_start(self, trainer, pl_module):
         device = trainer.strategy.root_device
-        if self.peak_flops is None and device.type == "cuda":  # None for GPUs Lightning does not know (H200)
+        if self.peak_flops is None and device.type == "cuda":
             self.peak_flops = get_available_flops(device, compute_dtype(str(trainer.precision)))
+            if self.peak_flops is None:  # a GPU Lightning does not know (H200)
+                rank_zero_warn(
+                    f"no MFU: the peak FLOP/s of {torch.cuda.get_device_name(device)} is unknown; set "
+                    "callbacks.speed.peak_flops (dense bf16: 989.4e12 on H100 SXM and H200)"
+                )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
