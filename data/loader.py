@@ -55,4 +55,11 @@ class ConsumedStateLoader(StatefulDataLoader):
                 f"the checkpoint's data position was saved by {len(state['ranks'])} ranks, this run has {world}: "
                 "resume with the same number of devices and nodes to continue the data stream exactly"
             )
-        super().load_state_dict(state["ranks"][rank])
+        mine = state["ranks"][rank]
+        saved_workers = mine["_snapshot"]["_main_snapshot"]["_num_workers"] if "_snapshot" in mine else 0
+        if saved_workers != self.num_workers:
+            raise ValueError(
+                f"the checkpoint's data position was saved with data.num_workers={saved_workers}, this run has "
+                f"{self.num_workers}: resume with data.num_workers={saved_workers} to continue the stream exactly"
+            )
+        super().load_state_dict(mine)

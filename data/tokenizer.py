@@ -130,6 +130,11 @@ class BPETokenizer:
     when the corpus runs out of merges), BOS = V-1 is outside it, so no text can ever encode to BOS."""
 
     def __init__(self, tokenizer, vocab_size: int):
+        if tokenizer.get_vocab_size() >= vocab_size:
+            raise ValueError(
+                f"this BPE has {tokenizer.get_vocab_size()} tokens, data.tokenizer.vocab_size={vocab_size} leaves no "
+                f"id for BOS: set it to at least {padded(tokenizer.get_vocab_size() + 1)}"
+            )
         self.tokenizer, self.vocab_size, self.bos_id = tokenizer, vocab_size, vocab_size - 1
         self.token_bytes = torch.zeros(vocab_size, dtype=torch.int32)
         for token, i in tokenizer.get_vocab().items():
@@ -137,11 +142,11 @@ class BPETokenizer:
 
     @classmethod
     def trained_on(
-        cls, corpus, vocab_size: int, train_chars: int, cache_dir: str, file: str | None = None
+        cls, corpus, vocab_size: int, train_chars: int, cache_dir: str, file: str | None = None, copy_to=None
     ) -> "BPETokenizer":
         """Load `file` if given, else the cached BPE for (corpus, vocab_size, train_chars), training it on
-        the corpus's training split (never on validation documents) the first time."""
-        from filelock import FileLock
+        the corpus's training split (never on validation documents) the first time. With copy_to (the run
+        directory), also save it there as tokenizer.json, so the run's checkpoints come with their tokenizer."""
         from tokenizers import Tokenizer
 
         if vocab_size < 512 or vocab_size % VOCAB_MULTIPLE:
@@ -149,7 +154,19 @@ class BPETokenizer:
         if file is not None:
             if not Path(file).expanduser().is_file():
                 raise FileNotFoundError(f"data.tokenizer.file={file} does not exist: point it at a tokenizer .json")
-            return cls(Tokenizer.from_file(str(Path(file).expanduser())), vocab_size)
+            path = Path(file).expanduser()
+        else:
+            path = cls.cached(corpus, vocab_size, train_chars, cache_dir)
+        if copy_to is not None:
+            Path(copy_to).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, Path(copy_to) / "tokenizer.json")
+        return cls(Tokenizer.from_file(str(path)), vocab_size)
+
+    @staticmethod
+    def cached(corpus, vocab_size: int, train_chars: int, cache_dir: str) -> Path:
+        """The cache file of this BPE, trained first if it is not there yet."""
+        from filelock import FileLock
+
         recipe = {"corpus": corpus.fingerprint(), "vocab_size": vocab_size, "train_chars": train_chars}
         recipe["split"] = SPLIT_PATTERN
         key = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
@@ -161,7 +178,7 @@ class BPETokenizer:
                 tokenizer.save(f"{path}.tmp")
                 os.replace(f"{path}.tmp", path)
                 log.info("trained a BPE of %d tokens, saved to %s", tokenizer.get_vocab_size(), path)
-        return cls(Tokenizer.from_file(str(path)), vocab_size)
+        return path
 
     def encode(self, text: str) -> list[int]:
         # encode_batch_fast skips the character offsets encode() computes: 1.6x the tokens/s here

@@ -217,8 +217,11 @@ def test_bpe_config_trains_on_the_data_configs_corpus(mirror, tmp_path):
     data = compose_data(
         "data=local", f"data.corpus.path={mirror}", "data.corpus.name=sample-10BT", "data/tokenizer=bpe",
         "data.tokenizer.vocab_size=512", f"data.tokenizer.cache_dir={tmp_path}", "data.num_workers=0",
+        f"data.tokenizer.copy_to={tmp_path}/run",
     )  # fmt: skip
     assert isinstance(data.tokenizer, BPETokenizer) and data.tokenizer.vocab_size == 512
+    run_copy = BPETokenizer.trained_on(None, 512, 0, "/nonexistent", file=str(tmp_path / "run" / "tokenizer.json"))
+    assert run_copy.encode(SAMPLE) == data.tokenizer.encode(SAMPLE)
     batch = next(iter(data.loader("train")))
     assert batch["input_ids"].max() < 512 and (batch["input_ids"][:, 0] == 511).all()
 

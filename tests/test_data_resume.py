@@ -50,6 +50,8 @@ def test_loader_resumes_exactly_where_training_stopped(corpus, num_workers):
     resumed.load_state_dict(state)
     again = first(resumed, n)
     assert all(torch.equal(a, b) for a, b in zip(again, reference[k:], strict=True))
+    with pytest.raises(ValueError, match=f"data.num_workers={num_workers}"):  # another worker count: refused
+        datamodule(corpus, 1 - num_workers // 2).loader("train").load_state_dict(state)
 
 
 class Recorder(L.LightningModule):
