@@ -32,10 +32,11 @@ class PackedRows(IterableDataset):
         return dict(self.position)
 
     def load_state_dict(self, state: dict):
-        self.resume_from = dict(state)
+        self.resume_from, self.position = dict(state), dict(state)
 
     def __iter__(self):
         start, self.resume_from = self.resume_from or dict(FRESH), None
+        self.position = dict(start)
         epoch = start["epoch"]
         while self.epochs is None or epoch < self.epochs:
             resumed = epoch == start["epoch"] and start["docs"] is not None

@@ -48,6 +48,10 @@ def test_loader_resumes_exactly_where_training_stopped(corpus, num_workers):
 
     resumed = data.loader("train")
     resumed.load_state_dict(state)
+    iter(resumed)
+    state = resumed.state_dict()  # saved again before a single step (e.g. preempted while starting up)
+    resumed = data.loader("train")
+    resumed.load_state_dict(state)
     again = first(resumed, n)
     assert all(torch.equal(a, b) for a, b in zip(again, reference[k:], strict=True))
     with pytest.raises(ValueError, match=f"data.num_workers={num_workers}"):  # another worker count: refused
