@@ -13,6 +13,8 @@ import glob
 import hashlib
 import logging
 import re
+import urllib.error
+import urllib.request
 from functools import cached_property, partial
 from pathlib import Path
 
@@ -32,8 +34,25 @@ def is_validation(doc_id: str, val_permille: int) -> bool:
 
 
 def in_split(doc: dict, text_column: str, id_column: str, val_permille: int, validation: bool) -> bool:
-    doc_id = doc.get(id_column) or hashlib.sha1(doc[text_column].encode()).hexdigest()
-    return is_validation(doc_id, val_permille) == validation
+    doc_id = doc.get(id_column)
+    key = str(doc_id) if doc_id is not None else hashlib.sha1(doc[text_column].encode()).hexdigest()
+    return is_validation(key, val_permille) == validation
+
+
+def is_dataset_card(readme: Path) -> bool:
+    """A hub dataset's README.md starts with its YAML metadata (configs, data files), a plain README does not."""
+    return readme.is_file() and readme.read_text(encoding="utf-8", errors="replace").startswith("---")
+
+
+def reachable(url: str, timeout_s: float = 5.0) -> bool:
+    """One quick request instead of a library's minutes of retries when there is no network."""
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout_s)
+    except urllib.error.HTTPError:
+        return True  # the server answered
+    except (urllib.error.URLError, OSError):
+        return False
+    return True
 
 
 def node_split_strategy(num_shards: int, world_size: int) -> str:
@@ -89,7 +108,7 @@ class Corpus:
         from datasets import load_dataset
 
         local = Path(self.path).expanduser()
-        if local.is_dir() and (local / "README.md").exists():  # a local copy of a hub dataset
+        if local.is_dir() and is_dataset_card(local / "README.md"):  # a local copy of a hub dataset
             return load_dataset(str(local), name=self.name, split="train", streaming=True)
         if HUB_ID.match(self.path) and not local.exists():
             self._check_hub_reachable()
@@ -122,16 +141,14 @@ class Corpus:
         from datasets import config
         from huggingface_hub import constants
 
-        from data.tokenizer import reachable
-
         why = "HF_HUB_OFFLINE=1 is set" if config.HF_HUB_OFFLINE else None
         if why is None and not reachable(constants.ENDPOINT):
             why = f"{constants.ENDPOINT} is unreachable"
         if why:
-            subset = f" --include '{self.name.replace('sample-', 'sample/')}/*'" if self.name else ""
             raise FileNotFoundError(
-                f"data.corpus.path={self.path} is not a local folder and {why}: download it once with "
-                f"`hf download {self.path} --repo-type dataset{subset} --local-dir DIR` and set data.corpus.path=DIR"
+                f"data.corpus.path={self.path} is not a local folder and {why}: download it once with `hf download "
+                f"{self.path} --repo-type dataset --local-dir DIR` (--include 'sample/10BT/*' for one FineWeb-Edu "
+                "subset) and set data.corpus.path=DIR"
             )
 
     def check(self):

@@ -30,12 +30,12 @@ class TextDataModule(L.LightningDataModule):
         self.seq_len, self.batch_size, self.num_workers, self.seed = seq_len, batch_size, num_workers, seed
         self.train_loader = None
 
-    def rank_and_world(self) -> tuple[int, int]:
+    def trainer_rank_and_world(self) -> tuple[int, int]:
         return (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
 
     def setup(self, stage: str):
         self.corpus.check()
-        rank, world = self.rank_and_world()
+        rank, world = self.trainer_rank_and_world()
         if world > 1 and rank == 0 and node_split_strategy(self.corpus.stream.num_shards, world) == "examples":
             log.warning(
                 "the corpus has %d shards, which do not divide over %d ranks: every rank reads all of them; "
@@ -61,11 +61,11 @@ class TextDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self):
-        self.train_loader = self.loader("train", *self.rank_and_world())
+        self.train_loader = self.loader("train", *self.trainer_rank_and_world())
         return self.train_loader
 
     def val_dataloader(self):
-        return self.loader("validation", *self.rank_and_world())
+        return self.loader("validation", *self.trainer_rank_and_world())
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         if self.trainer is not None and self.trainer.training:

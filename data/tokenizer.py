@@ -10,11 +10,11 @@ import json
 import logging
 import os
 import shutil
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import torch
+
+from data.corpus import reachable
 
 log = logging.getLogger(__name__)
 
@@ -23,17 +23,6 @@ VOCAB_MULTIPLE = 64  # the embedding and the output layer are padded to a multip
 
 def padded(n: int) -> int:
     return -(-n // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-
-
-def reachable(url: str, timeout_s: float = 5.0) -> bool:
-    """One quick request instead of a library's minutes of retries when there is no network."""
-    try:
-        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout_s)
-    except urllib.error.HTTPError:
-        return True  # the server answered
-    except (urllib.error.URLError, OSError):
-        return False
-    return True
 
 
 class ByteTokenizer:

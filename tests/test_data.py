@@ -156,6 +156,7 @@ def test_train_and_validation_share_no_document(mirror):
 def test_txt_files_are_documents_split_by_a_hash_of_their_text(tmp_path):
     for i in range(40):
         (tmp_path / f"{i:02d}.txt").write_text(document(i) + "\nsecond line\n")
+    (tmp_path / "README.md").write_text("# My notes\nNot a dataset card: the folder stays plain files.\n")
     corpus = Corpus(str(tmp_path), val_permille=250)
     corpus.check()
     train = [d["text"] for d in corpus.documents("train", seed=0)]
@@ -279,6 +280,7 @@ def test_bad_input_fails_with_one_clear_line(tmp_path, monkeypatch):
     one_line_error(
         FileNotFoundError, lambda: TiktokenTokenizer.from_name("gpt2", str(tmp_path), str(tmp_path)), "vocab.bpe"
     )
+    monkeypatch.setattr("data.corpus.reachable", lambda url, timeout_s=5.0: False)
     started = time.perf_counter()
     one_line_error(FileNotFoundError, lambda: Corpus("HuggingFaceFW/fineweb-edu").stream, "hf download")
     monkeypatch.setattr("datasets.config.HF_HUB_OFFLINE", True)

@@ -70,6 +70,9 @@ class Recorder(L.LightningModule):
         self.seen.append(batch["input_ids"].clone())
         return (self.weight * batch["input_ids"].float().mean()).sum()
 
+    def validation_step(self, batch, batch_idx):
+        pass  # validation batches come from another loader and must not move the training position
+
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.0)
 
@@ -80,7 +83,9 @@ def fit(corpus, num_workers: int, max_steps: int, root, ckpt_path=None) -> list[
         max_steps=max_steps,
         default_root_dir=root,
         accelerator="cpu",
-        limit_val_batches=0,
+        val_check_interval=4,
+        check_val_every_n_epoch=None,
+        limit_val_batches=2,
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
