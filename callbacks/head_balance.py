@@ -66,9 +66,17 @@ class HeadBalanceMonitor(L.Callback):
         self.last_heatmap_step = 0
         self.history_steps, self.history_cv = [], []  # for the CV curve
 
-    def on_fit_start(self, trainer, pl_module):
+    def state_dict(self) -> dict:
+        """Checkpointed, so the CV curve of a resumed run covers the whole training."""
+        return {"history_steps": self.history_steps, "history_cv": self.history_cv}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.history_steps, self.history_cv = list(state_dict["history_steps"]), list(state_dict["history_cv"])
+
+    def on_train_start(self, trainer, pl_module):
         if self.dirpath is None:
             self.dirpath = str(Path(trainer.default_root_dir) / "heads")
+        self.last_heatmap_step = trainer.global_step  # a resumed run draws its next heatmap at the next multiple
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if not trainer.is_global_zero:

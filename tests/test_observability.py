@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from PIL import Image
 
@@ -47,7 +47,7 @@ def fixed_batches(n: int = STEPS) -> list[dict]:
     ]
 
 
-def fit(module, tmp_path, logger, callbacks, log_every=2, steps=STEPS, validate=True):
+def fit(module, tmp_path, logger, callbacks, log_every=2, steps=STEPS, validate=True, ckpt_path=None):
     batches = fixed_batches(steps)
     trainer = L.Trainer(
         accelerator="cpu",
@@ -57,13 +57,13 @@ def fit(module, tmp_path, logger, callbacks, log_every=2, steps=STEPS, validate=
         callbacks=callbacks,
         limit_val_batches=2 if validate else 0,
         num_sanity_val_steps=0,
-        enable_checkpointing=False,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
         enable_progress_bar=any(isinstance(c, ProgressBar) for c in callbacks),
         enable_model_summary=False,
         default_root_dir=tmp_path,
     )
     loader = torch.utils.data.DataLoader(batches, batch_size=None)  # the batches as they are, in order
-    trainer.fit(module, train_dataloaders=loader, val_dataloaders=loader)
+    trainer.fit(module, train_dataloaders=loader, val_dataloaders=loader, ckpt_path=ckpt_path)
     return trainer, batches
 
 
@@ -284,3 +284,12 @@ def test_configs_instantiate_into_the_run_directory(tmp_path, logger):
     callbacks = {name: instantiate(c) for name, c in cfg.callbacks.items() if c is not None}
     assert {"speed", "progress", "head_balance", "wandb_finish"} <= callbacks.keys()
     assert callbacks["head_balance"].dirpath == f"{tmp_path}/heads"
+
+
+def test_cv_curve_history_survives_a_resume(tmp_path):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    fit(tiny_module("vanilla"), tmp_path, False, [HeadBalanceMonitor(), checkpoint], validate=False)
+    resumed = HeadBalanceMonitor()
+    last = str(tmp_path / "ckpt" / "last.ckpt")
+    fit(tiny_module("vanilla"), tmp_path, False, [resumed], steps=6, validate=False, ckpt_path=last)
+    assert resumed.history_steps == [2, 4, 6]
