@@ -82,10 +82,12 @@ def _compiled_flex():
 
 def flex_causal_attention(q, k, v):
     """FlexAttention; LSE comes from the kernel (natural log, differentiable), no T×T matrix."""
-    from torch.nn.attention.flex_attention import AuxRequest
+    from torch.nn.attention.flex_attention import AuxRequest, flex_attention
 
     block_mask = _causal_block_mask(q.size(-2), str(q.device))
-    out, aux = _compiled_flex()(q, k, v, block_mask=block_mask, return_aux=AuxRequest(lse=True))
+    # Inside a compiled model dynamo fuses flex_attention itself; called eagerly it needs its own compile.
+    flex = flex_attention if torch.compiler.is_compiling() else _compiled_flex()
+    out, aux = flex(q, k, v, block_mask=block_mask, return_aux=AuxRequest(lse=True))
     return out, aux.lse
 
 
