@@ -55,10 +55,13 @@ class GPTConfig:
 
 
 def reference_attention(q, k, v):
-    """Explicit causal softmax attention; materialises the T×T scores. The ground truth."""
-    T = q.size(-2)
+    """Explicit causal softmax attention; materialises the T×T scores. The ground truth.
+
+    k and v may be longer than q (generation with a KV cache): the queries are then the last positions.
+    """
+    T, S = q.size(-2), k.size(-2)
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
-    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    causal = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
     scores = scores.to(torch.promote_types(scores.dtype, torch.float32))  # softmax in >= fp32 under autocast
     scores = scores.masked_fill(~causal, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
@@ -129,16 +132,19 @@ class CausalSelfAttention(nn.Module):
         if cfg.attention == "gated":
             self.gate_proj = nn.Linear(C, H, bias=False)  # W_theta: one scalar gate per head and token
 
-    def forward(self, x, cos, sin, head_mask=None):
+    def forward(self, x, cos, sin, head_mask=None, cache=None):
         """x: the normed block input (B, T, C). Returns (output (B, T, C), gate (B, H, T)).
 
         head_mask (H,) multiplies each head's output (1 keeps, 0 ablates); None keeps all heads.
+        cache: this layer's LayerCache (generation): the keys and values of earlier positions, extended here.
         """
         B, T, C = x.shape
         H, D = self.cfg.n_head, self.cfg.head_dim
         q, k, v = (proj(x).view(B, T, H, D).transpose(1, 2) for proj in (self.c_q, self.c_k, self.c_v))
         q = apply_rotary(self.qk_norm(q), cos[:T], sin[:T])
         k = apply_rotary(self.qk_norm(k), cos[:T], sin[:T])
+        if cache is not None:
+            k, v = cache.extend(k, v)  # all positions so far: k[:, :, :1] is still the BOS sink of vanilla
         y, lse = self.attend(q, k, v)
 
         kind, acc = self.cfg.attention, lse.dtype  # gate math in the LSE's precision (>= fp32)
@@ -161,6 +167,8 @@ class CausalSelfAttention(nn.Module):
         backend = self.cfg.backend
         if backend == "auto":
             backend = "flex" if q.is_cuda else "reference"
+        if q.size(-2) != k.size(-2):  # cached generation: a few queries over the cache, no T×T matrix to avoid
+            backend = "reference"
         return flex_causal_attention(q, k, v) if backend == "flex" else reference_attention(q, k, v)
 
 
@@ -181,11 +189,36 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, head_mask=None):
-        attn_out, gate = self.attn(self.norm(x), cos, sin, head_mask)
+    def forward(self, x, cos, sin, head_mask=None, cache=None):
+        attn_out, gate = self.attn(self.norm(x), cos, sin, head_mask, cache)
         x = x + attn_out
         x = x + self.mlp(self.norm(x))
         return x, gate
+
+
+class LayerCache:
+    """The rotated keys and values of one layer for the positions seen so far, (B, H, S, D) each."""
+
+    def __init__(self):
+        self.k = self.v = None
+
+    def extend(self, k, v):
+        if self.k is not None:
+            k, v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
+        self.k, self.v = k, v
+        return k, v
+
+
+class KVCache:
+    """Per-layer key/value caches for incremental decoding: each forward pass appends its positions."""
+
+    def __init__(self, n_layer: int):
+        self.layers = [LayerCache() for _ in range(n_layer)]
+
+    @property
+    def length(self) -> int:
+        first = self.layers[0].k
+        return 0 if first is None else first.size(2)
 
 
 class GPT(nn.Module):
@@ -218,18 +251,23 @@ class GPT(nn.Module):
             if hasattr(attn, "sink_logit"):
                 attn.sink_logit.zero_()
 
-    def forward(self, idx, head_mask=None):
+    def forward(self, idx, head_mask=None, cache=None):
         """idx (B, T) token ids. Returns logits (B, T, V) and gates (L, B, H, T) in fp32.
 
         head_mask (L, H): per-head output multiplier (ablation); None keeps every head.
+        cache: a KVCache (generation): idx continues the positions it holds, and is added to it.
         """
+        start = 0 if cache is None else cache.length
         T = idx.size(1)
-        if T > self.cfg.seq_len:
-            raise ValueError(f"sequence of {T} tokens is longer than model.seq_len={self.cfg.seq_len}")
+        if start + T > self.cfg.seq_len:
+            raise ValueError(f"sequence of {start + T} tokens is longer than model.seq_len={self.cfg.seq_len}")
         x = F.rms_norm(self.wte(idx), (self.cfg.n_embd,))
+        cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
         gates = []
         for i, block in enumerate(self.blocks):
-            args = (x, self.rope_cos, self.rope_sin, None if head_mask is None else head_mask[i])
+            args = (x, cos, sin, None if head_mask is None else head_mask[i])
+            if cache is not None:
+                args += (cache.layers[i],)
             if self.cfg.activation_checkpointing and self.training:
                 x, gate = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
             else:
