@@ -44,13 +44,22 @@ def lr_lambda(warmup_steps: int, total_steps: int, decay: str, min_lr_ratio: flo
     return factor
 
 
+def build_model(model: dict) -> torch.nn.Module:
+    """Our GPT, or a Hugging Face model from a local directory when the config names one (model=hf)."""
+    if "hf_path" in model:
+        from model.hf import load_hf_model  # transformers takes seconds to import: only when used
+
+        return load_hf_model(**model)
+    return GPT(GPTConfig(**model))
+
+
 class SinkAwareLM(L.LightningModule):
     """model / optim / aux are plain dicts (not DictConfig) so checkpoints load with weights_only=True."""
 
     def __init__(self, model: dict, optim: dict, aux: dict, compile: bool = False):
         super().__init__()
         self.save_hyperparameters()
-        self.model = GPT(GPTConfig(**model))
+        self.model = build_model(model)
         self.aux_weight = float(aux["lambda"])
         if self.aux_weight < 0:
             raise ValueError(f"aux.lambda={self.aux_weight} must be >= 0")
@@ -111,6 +120,8 @@ class SinkAwareLM(L.LightningModule):
         # Weight decay on the hidden matrices only; not on embeddings, sink logits or norms.
         decay, no_decay = [], []
         for name, p in self.model.named_parameters():
+            if not p.requires_grad:  # frozen, e.g. the base weights under LoRA
+                continue
             (decay if p.dim() >= 2 and name != "wte.weight" else no_decay).append(p)
         groups = [
             {"params": decay, "weight_decay": opt["weight_decay"]},
