@@ -111,10 +111,10 @@ def load_hf_model(
     lora_alpha: float | None = None,
     lora_targets: tuple[str, ...] = LORA_TARGETS,
     vocab_size: int | None = None,
-    **_,
+    seq_len: int | None = None,
 ) -> HFGatedLM:
     """A local Hugging Face model directory -> HFGatedLM, with LoRA adapters of rank lora_rank (None: all
-    weights train). vocab_size: the data's vocabulary, checked against the model's."""
+    weights train). vocab_size and seq_len: the data's vocabulary and row length, checked against the model."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     register()
@@ -128,6 +128,11 @@ def load_hf_model(
         raise ValueError(
             f"the data's tokenizer has {vocab_size} tokens, the model at model.hf_path={hf_path} only "
             f"{config.vocab_size}: use that model's own tokenizer (data=jsonl_sft)"
+        )
+    if seq_len is not None and seq_len > config.max_position_embeddings:
+        raise ValueError(
+            f"model.seq_len={seq_len} is longer than the {config.max_position_embeddings} positions of the model at "
+            f"model.hf_path={hf_path}"
         )
     hf = AutoModelForCausalLM.from_pretrained(
         hf_path, attn_implementation=SINK_AWARE, dtype=getattr(torch, dtype), local_files_only=True

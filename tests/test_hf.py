@@ -1,0 +1,164 @@
+"""Hugging Face models with recorded gates: outputs unchanged, gates equal an explicit softmax, LoRA, data.
+
+No network: tiny random Llama / Qwen3 / GPT-OSS models and a tiny byte-level BPE tokenizer are written to a
+temporary directory and loaded from there, as a user's local model directory would be.
+"""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GptOssConfig, LlamaConfig, PreTrainedTokenizerFast, Qwen3Config
+
+from model.balance import importance
+from model.hf import hf_head_diagnosis, load_hf_model
+
+CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, head_dim=16)
+
+
+def tiny_tokenizer(texts) -> PreTrainedTokenizerFast:
+    """A byte-level BPE of ~300 tokens with Qwen-style specials (EOS, no BOS) and a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tok.train_from_iterator(
+        texts, trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS, initial_alphabet=alphabet)
+    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def save_tiny_model(path, family: str = "qwen3", texts=None, **shape) -> str:
+    """A random model of `family` (llama | qwen3 | gpt_oss) and its tokenizer in `path`, for tests and smoke runs."""
+    texts = texts or ["the quick brown fox jumps over the lazy dog " * 20, "hello world, attention sinks " * 20]
+    tokenizer = tiny_tokenizer(texts)
+    dims = {**SHAPE, **shape, "vocab_size": 320, "max_position_embeddings": 512, "eos_token_id": tokenizer.eos_token_id}
+    if family == "llama":
+        config = LlamaConfig(num_key_value_heads=2, **dims)
+    elif family == "qwen3":
+        config = Qwen3Config(num_key_value_heads=2, **dims)
+    else:  # GPT-OSS: learned sink logits, sliding-window layers, a small MoE
+        config = GptOssConfig(
+            num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=1, sliding_window=4, **dims
+        )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    if family == "gpt_oss":
+        with torch.no_grad():  # random sinks of both signs, so the sink gate is not trivially near 1
+            for layer in model.model.layers:
+                layer.self_attn.sinks.normal_(0.0, 2.0)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen3", "gpt_oss"])
+def model_dir(request, tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp(request.param), request.param)
+
+
+def stock_eager(path):
+    return AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", local_files_only=True).eval()
+
+
+def test_logits_unchanged_and_gates_match_explicit_softmax(model_dir):
+    """Recording gates leaves the logits as the stock model's; the gates equal 1 - A[t, 0] of the eager
+    attention probabilities (vanilla), or the attention not taken by the sink logit (GPT-OSS)."""
+    ours = load_hf_model(model_dir, lora_rank=None).eval()
+    stock = stock_eager(model_dir)
+    ids = torch.randint(0, 300, (2, 10), generator=torch.Generator().manual_seed(1))
+    logits, gates = ours(ids)
+    with torch.no_grad():
+        out = stock(ids, output_attentions=True)
+    assert gates.shape == (2, 2, 4, 10)
+    torch.testing.assert_close(logits, out.logits, atol=1e-5, rtol=1e-5)
+    if ours.cfg.family == "gpt_oss":  # the eager probabilities sum to the gate: the sink takes the rest
+        reference = torch.stack([a.sum(-1) for a in out.attentions])
+    else:
+        reference = torch.stack([1 - a[..., 0] for a in out.attentions])
+    torch.testing.assert_close(gates, reference, atol=1e-5, rtol=1e-5)
+    assert gates[..., 1:].std() > 1e-3  # gates that vary: the comparison is not between constants
+
+
+def test_sdpa_model_gives_the_same_logits(tmp_path):
+    """Versus the default (sdpa) implementation a user would load, to fp32 tolerance."""
+    path = save_tiny_model(tmp_path, "qwen3")
+    ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(2))
+    logits, _ = load_hf_model(path, lora_rank=None).eval()(ids)
+    with torch.no_grad():
+        stock = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()(ids).logits
+    torch.testing.assert_close(logits, stock, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_trains_adapters_only_and_gates_carry_gradient(tmp_path):
+    path = save_tiny_model(tmp_path, "llama")
+    model = load_hf_model(path, lora_rank=4)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert any(".q_proj.lora_A" in n for n in trainable) and any(".o_proj.lora_B" in n for n in trainable)
+    ids = torch.randint(0, 300, (2, 8))
+    _, gates = model(ids)
+    importance(gates).std(-1).sum().backward()  # the gates move the query/key adapters
+    grads = [p.grad for n, p in model.named_parameters() if ".q_proj.lora_B" in n]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_head_mask_ablates_a_head(tmp_path):
+    path = save_tiny_model(tmp_path, "qwen3")
+    model = load_hf_model(path, lora_rank=None).eval()
+    ids = torch.randint(0, 300, (1, 8))
+    with torch.no_grad():
+        full, _ = model(ids)
+        mask = torch.ones(2, 4)
+        same, _ = model(ids, head_mask=mask)
+        mask[1, 2] = 0
+        ablated, _ = model(ids, head_mask=mask)
+    torch.testing.assert_close(same, full)
+    assert (ablated - full).abs().max() > 1e-6
+
+
+def test_head_diagnosis_is_the_mean_importance_over_texts(tmp_path):
+    path = save_tiny_model(tmp_path, "llama")
+    texts = ["the quick brown fox", "hello world, attention sinks are everywhere"]
+    imp = hf_head_diagnosis(path, texts)
+    model = load_hf_model(path, lora_rank=None).eval()
+    tok = PreTrainedTokenizerFast.from_pretrained(path)
+    expected = []
+    for text in texts:
+        ids = torch.tensor([[tok.eos_token_id, *tok(text, add_special_tokens=False)["input_ids"]]])
+        with torch.no_grad():
+            expected.append(importance(model(ids)[1]))
+    assert imp.shape == (2, 4)
+    torch.testing.assert_close(imp, torch.stack(expected).mean(0))
+
+
+def test_bad_paths_and_families_are_one_line_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model.hf_path="):
+        load_hf_model(str(tmp_path / "missing"))
+    path = save_tiny_model(tmp_path / "m", "qwen3")
+    with pytest.raises(ValueError, match="model.seq_len=4096"):
+        load_hf_model(path, seq_len=4096)
+
+
+def test_chat_jsonl_is_rendered_with_the_chat_template(tmp_path):
+    from data.jsonl_sft import ChatCorpus, HFTokenizer
+
+    path = save_tiny_model(tmp_path / "m", "qwen3")
+    rows = [{"id": str(i), "messages": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": "ok"}]}
+            for i in range(20)]  # fmt: skip
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    corpus = ChatCorpus(str(data), tokenizer_path=path, messages_column="messages", val_permille=0)
+    first = next(iter(corpus.documents("train", seed=0)))
+    assert "<|im_start|>user\nhi" in first["text"] and "<|im_end|>" in first["text"]
+    tok = HFTokenizer(path)
+    assert tok.bos_id == tok.tok.eos_token_id  # no BOS in Qwen-style tokenizers: EOS starts the rows
+    ids = tok.encode(first["text"])
+    assert tok.tok.convert_tokens_to_ids("<|im_start|>") in ids  # the template's markers are special tokens
+    assert tok.token_bytes[tok.bos_id] == 0 and tok.token_bytes[ids].sum() > 0
