@@ -6,13 +6,20 @@ python train.py -m attention=vanilla,sink,gated aux.lambda=0,1e-4
 """
 
 import logging
+import os
 import sys
+from pathlib import Path
 
 import hydra
 import lightning as L
-from hydra.utils import instantiate
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import get_class, instantiate
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
+from callbacks.checkpoint import AtomicCheckpointIO, resume_checkpoint
 from model.lit import SinkAwareLM
 
 log = logging.getLogger("train")
@@ -29,9 +36,41 @@ def build(cfg: DictConfig):
         compile=cfg.compile,
     )
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
-    logger = instantiate(cfg.logger) if cfg.logger else False
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+    logger = instantiate(cfg.logger, **wandb_identity(cfg)) if cfg.logger else False
+    # Our checkpoint callback requeues SLURM jobs at the end of a step; Lightning's handler would save mid-step.
+    plugins = [AtomicCheckpointIO()] + ([SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else [])
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, plugins=plugins)
     return datamodule, module, trainer
+
+
+def wandb_identity(cfg: DictConfig) -> dict:
+    """For a W&B logger: the run id kept in the run directory (a resumed or requeued run continues the same W&B
+    run), the directory's name as the run name, and a multirun's sweep as the group."""
+    if not issubclass(get_class(cfg.logger._target_), WandbLogger):
+        return {}
+    run_dir = Path(cfg.paths.output_dir)
+    identity = {"id": cfg.logger.id or run_id(run_dir / "wandb_id"), "name": cfg.logger.name or run_dir.name}
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        identity["group"] = Path(hydra_cfg.sweep.dir).name
+    return identity
+
+
+def run_id(path: Path) -> str:
+    """The id stored in `path`, or a new one stored there. Every DDP rank may get here at once: the first to link
+    its file into place wins and all read that one."""
+    import wandb
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mine = path.with_name(f"{path.name}.{os.getpid()}")
+    mine.write_text(wandb.util.generate_id())
+    try:
+        os.link(mine, path)
+    except FileExistsError:
+        pass
+    finally:
+        mine.unlink()
+    return path.read_text()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -40,7 +79,9 @@ def main(cfg: DictConfig) -> None:
     try:
         datamodule, module, trainer = build(cfg)
         log.info("model: %s, %.2fM parameters", module.model.cfg, module.model.num_params() / 1e6)
-        trainer.fit(module, datamodule=datamodule)
+        ckpt_path = resume_checkpoint([c.dirpath for c in trainer.checkpoint_callbacks])
+        log.info("run directory %s: %s", cfg.paths.output_dir, f"resuming {ckpt_path}" if ckpt_path else "a new run")
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     except (ValueError, FileNotFoundError) as err:
         # Errors we raise for bad input already say what is wrong and how to fix it: no traceback wall.
         log.error("%s (set HYDRA_FULL_ERROR=1 for the traceback)", err)

@@ -1,0 +1,168 @@
+"""Checkpoints a run can always resume from, exactly (docs/checkpointing.md).
+
+- AtomicCheckpointIO writes `<file>.tmp` next to the checkpoint, fsyncs it and renames it over the old one, so a
+  crash or a full disk mid-write never leaves a truncated checkpoint. Lightning's own local save goes through an
+  fsspec "transaction" that writes to the system temp dir and then moves the file: on a cluster that is another
+  filesystem (node-local /tmp), where the move is a plain copy that a kill can cut short.
+- LastCheckpoint writes last.ckpt every N optimizer steps, when training ends, on SIGTERM and on the requeue
+  signal, then requeues the SLURM job. Lightning's own SLURM handler saves from inside the signal handler, in the
+  middle of a step (weights, optimizer and data position out of step with each other); this one waits for the
+  end of the step, so the checkpoint is as exact as a scheduled one.
+- resume_checkpoint picks the newest readable checkpoint of the run; an unreadable one is skipped, saying so.
+"""
+
+import logging
+import os
+import signal
+import subprocess
+import zipfile
+from pathlib import Path
+
+import torch
+from fsspec.implementations.local import LocalFileSystem
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_KEYS = ("state_dict", "optimizer_states", "loops", "global_step")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if not isinstance(get_filesystem(path), LocalFileSystem):
+            return super().save_checkpoint(checkpoint, path, storage_options)  # object stores write whole objects
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".tmp")
+        try:
+            with open(partial, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as err:
+            partial.unlink(missing_ok=True)
+            raise OSError(f"could not write checkpoint {path} ({err}); the previous checkpoint is untouched") from None
+        os.replace(partial, path)
+        directory = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """last.ckpt every `every_n_train_steps` optimizer steps, at the end of training, on SIGTERM (Lightning stops at
+    the end of the step) and on a requeue signal. After a requeue signal it requeues the job, then stops: through
+    the launcher's own handler when there is one (submitit's, which requeues the same Hydra job), else with
+    `scontrol requeue` when in a SLURM job. Other exceptions save nothing: the state may be mid-step or NaN, and
+    the last good checkpoint must not be overwritten by it."""
+
+    def __init__(self, dirpath: str, every_n_train_steps: int, requeue_signals: list[str]):
+        super().__init__(
+            dirpath=dirpath,
+            every_n_train_steps=every_n_train_steps,
+            save_top_k=0,
+            save_last=True,
+            enable_version_counter=False,  # always last.ckpt: a resumed run overwrites the one it came from
+        )
+        try:
+            self.requeue_signals = [signal.Signals[name] for name in requeue_signals]
+        except KeyError as err:
+            raise ValueError(f"requeue_signals: {err} is not a signal name (e.g. SIGUSR1, SIGUSR2)") from None
+        self.received = 0  # the requeue signal received, 0 for none
+        self.previous_handlers = {}
+
+    def on_train_start(self, trainer, pl_module):
+        # Here, after Lightning has set its own handlers; the previous handler is the launcher's, if any.
+        self.previous_handlers = {s: signal.signal(s, self.on_requeue_signal) for s in self.requeue_signals}
+
+    def on_requeue_signal(self, signum, frame):
+        self.received = signum  # only a flag: the step in progress finishes first
+
+    def teardown(self, trainer, pl_module, stage):
+        for signum, handler in self.previous_handlers.items():
+            signal.signal(signum, handler)
+        self.previous_handlers = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        signum = trainer.strategy.broadcast(self.received)  # rank 0 decides, so every rank saves at the same step
+        if not signum:
+            return
+        self.write_last(trainer)
+        rank_zero_info(f"{signal.Signals(signum).name}: saved {self.last_model_path} at step {trainer.global_step}")
+        trainer.should_stop = True
+        self.requeue(trainer, signum)
+
+    def on_train_end(self, trainer, pl_module):
+        self.write_last(trainer)
+
+    def on_exception(self, trainer, pl_module, exception):
+        if isinstance(exception, SIGTERMException):  # raised by Lightning between two steps
+            self.write_last(trainer)
+
+    def write_last(self, trainer) -> None:
+        if self._last_global_step_saved != trainer.global_step and not trainer.sanity_checking:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def requeue(self, trainer, signum) -> None:
+        launcher_handler = self.previous_handlers.get(signum)
+        if callable(launcher_handler):
+            launcher_handler(signum, None)  # submitit: resubmits the same job; exits on rank 0
+            return
+        if "SLURM_JOB_ID" not in os.environ:
+            rank_zero_info("not in a SLURM job: stopping without a requeue; run the same command again to resume")
+            return
+        if trainer.is_global_zero:
+            array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+            job = f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_job else os.environ["SLURM_JOB_ID"]
+            result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+            if result.returncode == 0:
+                log.info("requeued SLURM job %s; it resumes from %s", job, self.last_model_path)
+            else:
+                log.error("`scontrol requeue %s` failed (%s): resubmit the job to resume", job, result.stderr.strip())
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why a training run cannot resume from this file, or None if it can."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad_record = archive.testzip()  # checks every record's CRC: catches a flipped byte, not only truncation
+    except Exception as err:  # whatever the zip reader trips on, the file is unusable
+        return f"truncated or not a checkpoint: {err}"
+    if bad_record is not None:
+        return f"corrupt record {bad_record}"
+    try:
+        keys = torch.load(path, map_location="cpu", weights_only=True, mmap=True).keys()
+    except Exception as err:
+        return f"cannot be loaded with weights_only=True: {str(err).splitlines()[0]}"
+    missing = [key for key in CHECKPOINT_KEYS if key not in keys]
+    return f"not a training checkpoint (no {', '.join(missing)})" if missing else None
+
+
+def resume_checkpoint(dirpaths: list[str]) -> str | None:
+    """The newest (by modification time) readable *.ckpt in the checkpoint directories, or None if there is none.
+    An unreadable one is skipped with a warning; if every one is unreadable, a ValueError says what to do."""
+    found = sorted(
+        {path for d in dirpaths if Path(d).is_dir() for path in Path(d).glob("*.ckpt")},
+        key=lambda path: path.stat().st_mtime,
+        reverse=True,
+    )
+    problems = []
+    for path in found:
+        problem = checkpoint_problem(path)
+        if problem is None:
+            if problems:
+                rank_zero_warn(f"falling back to the previous good checkpoint {path}: {'; '.join(problems)}")
+            return str(path)
+        problems.append(f"{path} is unreadable ({problem})")
+    if problems:
+        raise ValueError(
+            f"no readable checkpoint to resume from: {'; '.join(problems)}. Move these files away to start the run "
+            "over, or pick another run name (run=NAME)"
+        )
+    return None

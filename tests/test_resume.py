@@ -1,0 +1,132 @@
+"""Exact resume: a training process killed by a real signal and started again logs the uninterrupted run's losses,
+bit for bit, with no step skipped or repeated; unreadable checkpoints are skipped or refused, never ignored."""
+
+import csv
+import errno
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from callbacks.checkpoint import AtomicCheckpointIO, checkpoint_problem, resume_checkpoint
+
+STEPS = 16
+RUN = [
+    "logger=csv",
+    f"trainer.max_steps={STEPS}",
+    "trainer.log_every_n_steps=1",
+    "trainer.val_check_interval=6",  # validation passes before and after the interruption
+    "callbacks.checkpoint_last.every_n_train_steps=4",
+]
+
+
+def losses(run_dir: Path) -> dict[int, str]:
+    """step -> train/loss as written to the CSV (the text: compared exactly)."""
+    rows = csv.DictReader(open(run_dir / "csv" / "metrics.csv"))
+    return {int(row["step"]): row["train/loss"] for row in rows if row["train/loss"]}
+
+
+def saved_step(path: Path) -> int:
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"]
+
+
+def wait_for(path: Path, process, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, f"training ended before {path} was written:\n{process.read_output()[-3000:]}"
+        assert time.monotonic() < deadline, f"no {path} after {timeout}s"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(start_train, tmp_path_factory) -> dict[int, str]:
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    process = start_train(*RUN, f"hydra.run.dir={run_dir}")
+    assert process.wait(timeout=600) == 0, process.read_output()[-3000:]
+    return losses(run_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill", [signal.SIGTERM, signal.SIGKILL])
+def test_killed_run_resumes_with_the_uninterrupted_losses(start_train, tmp_path, uninterrupted, kill):
+    assert sorted(uninterrupted) == list(range(STEPS))
+    run_dir = tmp_path / "run"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    first = start_train(*RUN, f"hydra.run.dir={run_dir}")
+    wait_for(last, first)  # written after step 4
+    first.send_signal(kill)
+    assert first.wait(timeout=300) != 0 or kill == signal.SIGTERM
+    stopped_at = saved_step(last)
+    assert 4 <= stopped_at < STEPS, "the signal came after the end: nothing was interrupted"
+    if kill == signal.SIGTERM:  # checkpointed at the end of the step in progress, losses logged up to it
+        before = losses(run_dir)
+        assert sorted(before) == list(range(stopped_at))
+    else:  # SIGKILL: back to the last scheduled checkpoint; the steps after it are trained again
+        before = {step: loss for step, loss in uninterrupted.items() if step < stopped_at}
+        assert stopped_at % 4 == 0
+
+    second = start_train(*RUN, f"hydra.run.dir={run_dir}")
+    assert second.wait(timeout=600) == 0, second.read_output()[-3000:]
+    assert f"resuming {last}" in second.read_output()
+    after = losses(run_dir)  # the resumed process's own log
+    assert sorted(after) == list(range(stopped_at, STEPS)), "a step was skipped or repeated"
+    assert {**before, **after} == uninterrupted
+    assert saved_step(last) == STEPS
+
+
+def fake_checkpoint(path: Path, step: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": {"w": torch.ones(64)}, "optimizer_states": [], "loops": {}, "global_step": step}, path)
+    return path
+
+
+def test_a_truncated_last_checkpoint_falls_back_to_the_previous_good_one_saying_so(tmp_path):
+    good = fake_checkpoint(tmp_path / "best-step=4.ckpt", 4)
+    last = fake_checkpoint(tmp_path / "last.ckpt", 8)
+    last.write_bytes(last.read_bytes()[:-100])
+    assert checkpoint_problem(last).startswith("truncated or not a checkpoint")
+    with pytest.warns(UserWarning, match=r"falling back to the previous good checkpoint .*best-step=4.*last.ckpt"):
+        assert resume_checkpoint([str(tmp_path)]) == str(good)
+
+
+def test_a_flipped_byte_inside_a_tensor_is_caught(tmp_path):
+    last = fake_checkpoint(tmp_path / "last.ckpt", 8)
+    data = bytearray(last.read_bytes())
+    data[data.index(torch.ones(64).numpy().tobytes()) + 5] ^= 0xFF
+    last.write_bytes(bytes(data))
+    assert "corrupt record" in checkpoint_problem(last)
+
+
+def test_no_readable_checkpoint_is_an_error_and_none_at_all_is_a_new_run(tmp_path):
+    assert resume_checkpoint([str(tmp_path), str(tmp_path / "missing")]) is None
+    (tmp_path / "last.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=r"no readable checkpoint to resume from: .*last.ckpt is unreadable"):
+        resume_checkpoint([str(tmp_path)])
+
+
+@pytest.mark.slow
+def test_train_py_refuses_a_corrupt_checkpoint_in_one_line(start_train, tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"\0" * 1000)
+    process = start_train(f"hydra.run.dir={run_dir}")
+    assert process.wait(timeout=300) == 1
+    output = process.read_output()
+    assert "no readable checkpoint to resume from" in output and "Traceback" not in output
+    assert not (run_dir / "csv").exists() and "a new run" not in output  # nothing trained
+
+
+def test_a_failed_write_leaves_the_previous_checkpoint_untouched(tmp_path, monkeypatch):
+    path = fake_checkpoint(tmp_path / "last.ckpt", 4)
+    before = path.read_bytes()
+
+    def disk_full(obj, f):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left on device.*the previous checkpoint is untouched"):
+        AtomicCheckpointIO().save_checkpoint({"global_step": 8}, path)
+    assert path.read_bytes() == before and list(tmp_path.iterdir()) == [path]
