@@ -88,11 +88,8 @@ def run_plain(args, module, batches) -> float:
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}], lr=3e-4, fused=True
     )
-    for step in range(args.warmup + args.steps):
-        if step == args.warmup:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            start = time.perf_counter()
+
+    def train_step(step: int):
         batch = {k: v.cuda(non_blocking=True) for k, v in batches[step % len(batches)].items()}
         with torch.autocast("cuda", dtype=torch.bfloat16):
             nll, _, aux = module.step(batch)
@@ -101,8 +98,30 @@ def run_plain(args, module, batches) -> float:
         torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
+    for step in range(args.warmup):
+        train_step(step)
     torch.cuda.synchronize()
-    return time.perf_counter() - start
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for step in range(args.steps):
+        train_step(step)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    if args.profile:
+        print_profile(train_step)
+    return seconds
+
+
+def print_profile(train_step, steps: int = 3):
+    """Where the time goes: the GPU kernels of a few steps, by total CUDA time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for step in range(steps):
+            train_step(step)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=70))
 
 
 def main():
@@ -116,6 +135,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="print the top GPU kernels (plain loop)")
     parser.add_argument("--peak-flops", type=float, default=H100_BF16_DENSE)
     args = parser.parse_args()
     if not torch.cuda.is_available():
