@@ -1,0 +1,231 @@
+"""eval.py: BPB and importance as training measures them, the ablation curve, the KV cache, the harness adapter."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+import eval as evaluation
+from data.tokenizer import ByteTokenizer
+from model.generate import generate
+from model.gpt import GPT, GPTConfig, KVCache
+from model.lit import SinkAwareLM
+
+ROOT = Path(__file__).parents[1]
+CACHE = str(ROOT / ".cache")
+TINY = {"n_layer": 2, "n_embd": 64, "n_head": 2, "seq_len": 32, "backend": "reference"}
+ROWS = 8  # validation rows: 2 batches of 4
+
+
+def eval_config(out_dir: Path, *overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(
+            "eval",
+            overrides=[
+                f"paths.cache_dir={CACHE}",
+                f"paths.output_dir={out_dir}",
+                "data.batch_size=4",
+                f"samples={ROWS}",
+                *overrides,
+            ],
+        )
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny sink-attention model after 4 steps of Trainer.fit, validated on ROWS rows at the end."""
+    tmp = tmp_path_factory.mktemp("trained")
+    cfg = eval_config(tmp)
+    model_cfg = {**TINY, "attention": "sink", "vocab_size": ByteTokenizer().vocab_size}
+    datamodule = evaluation.build_data(cfg, model_cfg)
+    optim = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/optim/adamw.yaml"))
+    aux = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/aux/default.yaml"))
+    module = SinkAwareLM(model=model_cfg, optim={**optim, "warmup_steps": 1}, aux=aux)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=4,
+        val_check_interval=4,
+        check_val_every_n_epoch=None,
+        limit_val_batches=ROWS // 4,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, datamodule=datamodule)
+    path = tmp / "model.ckpt"
+    trainer.save_checkpoint(path)
+    return {"path": path, "module": module, "val_bpb": trainer.callback_metrics["val/bpb"].item(), "tmp": tmp}
+
+
+def test_report_bpb_importance_and_ablation_match_training(trained, tmp_path):
+    cfg = eval_config(tmp_path, f"ckpt={trained['path']}")
+    runtime = evaluation.Runtime("cpu", "fp32")
+    result = evaluation.report(cfg, trained["path"], tmp_path, runtime, "tiny")
+
+    assert result["rows"] == ROWS and result["step"] == 4
+    assert result["bpb"] == pytest.approx(trained["val_bpb"], rel=1e-6)  # the training-time validation BPB
+
+    curve = result["ablation"]
+    assert curve["k"] == [0, 1, 2]
+    assert curve["least_important"][0] == result["bpb"] == curve["most_important"][0]  # k = 0: nothing off
+    assert curve["least_important"][-1] != result["bpb"]  # all heads off: a different model
+
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["bpb"] == result["bpb"] and len(saved["importance"]) == TINY["n_layer"]
+    assert (tmp_path / "importance.png").stat().st_size > 0 and (tmp_path / "ablation.png").stat().st_size > 0
+
+
+def test_importance_equals_the_modules_on_the_same_batch(trained, tmp_path):
+    cfg = eval_config(tmp_path)
+    module = trained["module"].eval()
+    datamodule = evaluation.build_data(cfg, module.hparams.model)
+    batch = next(iter(datamodule.loader("validation")))
+    with torch.no_grad():
+        _, module_imp, _ = module.step(batch)
+    measured = evaluation.measure(module.model, [batch], evaluation.Runtime("cpu", "fp32"))
+    torch.testing.assert_close(measured["importance"].float(), module_imp, rtol=1e-6, atol=1e-7)
+
+
+def test_ablation_masks_switch_off_the_right_heads():
+    imp = torch.tensor([[0.9, 0.1, 0.5], [0.2, 0.8, 0.4]])
+    least = evaluation.ablation_masks(imp, 1, least=True)
+    most = evaluation.ablation_masks(imp, 2, least=False)
+    assert least.tolist() == [[1, 0, 1], [0, 1, 1]]
+    assert most.tolist() == [[0, 1, 0], [1, 0, 0]]
+
+
+def random_model(attention: str) -> GPT:
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, n_layer=2, n_embd=64, n_head=4, seq_len=32, attention=attention))
+    with torch.no_grad():
+        for parameter in model.parameters():  # non-zero output projections and gates: every path matters
+            parameter.normal_(std=0.3)
+    return model.eval()
+
+
+@pytest.mark.parametrize("attention", ["vanilla", "sink", "gated"])
+def test_kv_cache_gives_the_full_forward_logits_and_gates_at_every_step(attention):
+    model = random_model(attention)
+    tokens = torch.randint(0, 64, (2, 20))
+    cache = KVCache(model.cfg.n_layer)
+    with torch.no_grad():
+        model(tokens[:, :6], cache=cache)  # prompt
+        for t in range(6, 20):
+            step_logits, step_gates = model(tokens[:, t : t + 1], cache=cache)
+            full_logits, full_gates = model(tokens[:, : t + 1])
+            torch.testing.assert_close(step_logits[:, 0], full_logits[:, -1], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(step_gates[..., 0], full_gates[..., -1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("attention", ["vanilla", "sink", "gated"])
+def test_greedy_generation_with_the_cache_equals_recomputing_everything(attention):
+    model = random_model(attention)
+    idx = torch.randint(0, 64, (2, 5))
+    cached = torch.cat(list(generate(model, idx, 12, temperature=0.0)), dim=1)
+    sequence = idx
+    with torch.no_grad():
+        for _ in range(12):
+            logits, _ = model(sequence)
+            sequence = torch.cat([sequence, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(cached, sequence[:, 5:])
+
+
+def next_byte_model(shift: int, scale: float = 10.0) -> GPT:
+    """A byte-level model that predicts token i + shift after token i. Fresh blocks are the identity (zero
+    output projections), so with one-hot embeddings the logits are lm_head's column of the last token."""
+    vocab = ByteTokenizer().vocab_size
+    model = GPT(GPTConfig(vocab_size=vocab, n_layer=1, n_embd=vocab, n_head=5, seq_len=64))
+    with torch.no_grad():
+        model.wte.weight.copy_(torch.eye(vocab))
+        model.lm_head.weight.copy_(scale * torch.eye(vocab).roll(shift, dims=0))
+    return model.eval()
+
+
+def harness_lm(model: GPT) -> evaluation.HarnessLM:
+    return evaluation.HarnessLM(model, ByteTokenizer(), evaluation.Runtime("cpu", "fp32"), batch_size=3)
+
+
+def write_echo_task(folder: Path) -> None:
+    """A multiple-choice task in lm-eval's custom YAML format: the answer repeats the question's letter."""
+    docs = [
+        {"question": letter, "choices": choices, "answer": choices.index(letter)}
+        for letter, choices in [("q", ["q", "x", "m"]), ("k", ["a", "b", "k"]), ("z", ["c", "z", "d"])]
+    ]
+    (folder / "echo.jsonl").write_text("\n".join(json.dumps(doc) for doc in docs))
+    (folder / "echo.yaml").write_text(
+        "task: echo_letter\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {folder / 'echo.jsonl'}\n"
+        "test_split: test\n"
+        "output_type: multiple_choice\n"
+        'doc_to_text: "Repeat: {{question}}"\n'
+        "doc_to_choice: choices\n"
+        "doc_to_target: answer\n"
+        'target_delimiter: ""\n'
+        "metric_list:\n  - metric: acc\n"
+    )
+
+
+def test_harness_task_scores_100_percent_with_a_model_that_knows_the_answers(tmp_path):
+    write_echo_task(tmp_path)
+    cfg = OmegaConf.create(
+        {
+            "tasks": ["echo_letter"],
+            "harness": {"include_path": str(tmp_path), "limit": None, "num_fewshot": None, "bootstrap_iters": 0},
+        }
+    )
+    knows = evaluation.run_tasks(harness_lm(next_byte_model(shift=0)), cfg)
+    assert knows["echo_letter"]["acc,none"] == 1.0
+    contrary = evaluation.run_tasks(harness_lm(next_byte_model(shift=0, scale=-10.0)), cfg)
+    assert contrary["echo_letter"]["acc,none"] == 0.0  # the same plumbing can fail
+
+
+class Request:  # what the harness hands the model: an object with .args
+    def __init__(self, *args):
+        self.args = args
+
+
+def test_harness_rolling_loglikelihood_and_generation():
+    model = next_byte_model(shift=1)
+    lm = harness_lm(model)
+    text = "abcdefghij" * 10  # 100 bytes: longer than the context of 64, so several windows
+    ids = torch.tensor([ByteTokenizer.bos_id, *text.encode()])
+    # A bigram model: each byte's log-probability depends on the previous byte only, so any windowing that
+    # scores every byte exactly once gives the sum over all 100 of them.
+    expected = 0.0
+    with torch.no_grad():
+        for start in (0, 50):
+            logprobs = model(ids[None, start : start + 50])[0].log_softmax(-1)[0]
+            expected += logprobs.gather(1, ids[start + 1 : start + 51, None]).sum().item()
+    assert lm.loglikelihood_rolling([Request(text)]) == [pytest.approx(expected, rel=1e-5)]
+    assert lm.generate_until([Request("xa", {"until": ["e"], "max_gen_toks": 10})]) == ["bcd"]
+
+
+def test_cli_sample_and_a_missing_checkpoint(trained, tmp_path):
+    env = {**os.environ, "SINKAWARE_CACHE_DIR": CACHE}
+    code = (  # both commands in one process: importing Lightning alone takes seconds
+        "import runpy, sys\n"
+        "for argv in sys.argv[1:]:\n"
+        "    sys.argv = ['eval.py', *argv.split(' ')]\n"
+        "    try:\n"
+        "        runpy.run_path('eval.py', run_name='__main__')\n"
+        "    except SystemExit as exit:\n"
+        "        print('exit', exit.code)\n"
+    )
+    sample = f"mode=sample ckpt={trained['path']} prompt=def num_samples=2 max_new_tokens=8 top_k=5 seed=1"
+    missing = f"ckpt={tmp_path}/nothing.ckpt"
+    runs = [f"{args} hydra.run.dir={tmp_path}/{i}" for i, args in enumerate([sample, missing])]
+    result = subprocess.run([sys.executable, "-c", code, *runs], cwd=ROOT, env=env, capture_output=True, text=True)
+    output = result.stdout + result.stderr
+    assert output.count("--- sample") == 2 and "\ndef" in output
+    assert "nothing.ckpt: no such file" in output and "exit 1" in output
+    assert "Traceback" not in output
