@@ -49,7 +49,7 @@ def uninterrupted(start_train, tmp_path_factory) -> dict[int, str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kill", [signal.SIGTERM, signal.SIGKILL])
+@pytest.mark.parametrize("kill", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_killed_run_resumes_with_the_uninterrupted_losses(start_train, tmp_path, uninterrupted, kill):
     assert sorted(uninterrupted) == list(range(STEPS))
     run_dir = tmp_path / "run"
