@@ -16,7 +16,6 @@ from pathlib import Path
 import hydra
 import numpy as np
 import torch
-import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lm_eval.api.model import TemplateLM
@@ -27,7 +26,7 @@ from callbacks.plots import figure_to_array, importance_heatmap, save_figure
 from model.balance import coefficient_of_variation, importance
 from model.generate import generate
 from model.gpt import GPT, GPTConfig
-from model.lit import BitsPerByte
+from model.lit import BitsPerByte, token_nll
 
 log = logging.getLogger("eval")
 MODES = ("report", "sample")
@@ -60,6 +59,8 @@ def load_checkpoint(path: Path, backend: str) -> tuple[GPT, dict]:
     hparams = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
     if "model" not in hparams or "state_dict" not in checkpoint:
         raise ValueError(f"ckpt={path}: no model hyper-parameters or state_dict; give a .ckpt written by train.py")
+    if "hf_path" in hparams["model"]:
+        raise ValueError(f"ckpt={path} is a fine-tuned Hugging Face model: eval.py evaluates this project's GPT only")
     # The backend is chosen for this machine (every backend computes the same math); no recompute in eval.
     model_cfg = {**hparams["model"], "backend": backend, "activation_checkpointing": False}
     model = GPT(GPTConfig(**model_cfg))
@@ -130,7 +131,7 @@ def measure(model: GPT, batches: list[dict], runtime: Runtime, head_mask=None) -
         idx, targets = batch["input_ids"].to(runtime.device), batch["targets"].to(runtime.device)
         with runtime.autocast():
             logits, gates = model(idx, head_mask)
-        nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+        nll = token_nll(logits, targets)
         bpb.update(nll, batch["target_bytes"].to(runtime.device))
         nats += nll.double().sum()
         # every row has the same length, so the mean over rows of per-batch means weighted by rows is exact
@@ -292,7 +293,7 @@ def run_tasks(lm: HarnessLM, cfg: DictConfig) -> dict:
     from lm_eval.tasks import TaskManager
     from lm_eval.utils import make_table
 
-    task_manager = TaskManager(include_path=cfg.harness.include_path)
+    task_manager = TaskManager(include_path=cfg.harness.include_path, include_defaults=cfg.harness.include_defaults)
     results = simple_evaluate(
         model=lm,
         tasks=list(cfg.tasks),

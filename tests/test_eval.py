@@ -180,7 +180,13 @@ def test_harness_task_scores_100_percent_with_a_model_that_knows_the_answers(tmp
     cfg = OmegaConf.create(
         {
             "tasks": ["echo_letter"],
-            "harness": {"include_path": str(tmp_path), "limit": None, "num_fewshot": None, "bootstrap_iters": 0},
+            "harness": {
+                "include_path": str(tmp_path),
+                "include_defaults": False,  # only the task written here: skips indexing lm-eval's thousands
+                "limit": None,
+                "num_fewshot": None,
+                "bootstrap_iters": 0,
+            },
         }
     )
     knows = evaluation.run_tasks(harness_lm(next_byte_model(shift=0)), cfg)
