@@ -10,6 +10,7 @@ CUDA syncs. MFU = tokens/s · (6·N + 12·L·C·T) / peak, peak = the GPU's dens
 """
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -64,7 +65,8 @@ def run_lightning(args, module, batches) -> float:
     stopwatch = Stopwatch(args.warmup)
     trainer = L.Trainer(
         accelerator="gpu",
-        devices=1,
+        devices=args.devices,
+        strategy="ddp" if args.devices > 1 else "auto",
         precision="bf16-mixed",
         max_steps=args.warmup + args.steps,
         gradient_clip_val=1.0,
@@ -130,7 +132,8 @@ def main():
     parser.add_argument("--attention", nargs="+", default=["vanilla", "sink", "gated"])
     parser.add_argument("--aux", nargs="+", type=float, default=[0.0, 1e-4])
     parser.add_argument("--loops", nargs="+", default=["plain", "lightning"], choices=["plain", "lightning"])
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8, help="rows per GPU")
+    parser.add_argument("--devices", type=int, default=1, help="GPUs (DDP; lightning loop only)")
     parser.add_argument("--vocab", type=int, default=65536)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--steps", type=int, default=20)
@@ -140,13 +143,16 @@ def main():
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/throughput.py needs a CUDA GPU")
+    if args.devices > 1 and args.loops != ["lightning"]:
+        sys.exit("--devices > 1 needs --loops lightning (the plain loop is single-GPU)")
     torch.backends.cuda.matmul.allow_tf32 = True
-    print(
-        f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, lightning {L.__version__}, "
-        f"batch {args.batch_size}, vocab {args.vocab}, {args.steps} timed steps after {args.warmup}"
-    )
-    print("| model | attention | aux λ | loop | tokens/s | MFU | peak mem GiB |")
-    print("|---|---|---|---|---|---|---|")
+    if os.environ.get("LOCAL_RANK", "0") == "0":  # DDP re-runs this script once per extra GPU
+        print(
+            f"# {torch.cuda.get_device_name()} x{args.devices}, torch {torch.__version__}, lightning {L.__version__}, "
+            f"batch {args.batch_size}/GPU, vocab {args.vocab}, {args.steps} timed steps after {args.warmup}"
+        )
+        print("| model | attention | aux λ | loop | tokens/s | MFU | peak mem GiB |")
+        print("|---|---|---|---|---|---|---|")
     for attention in args.attention:
         for aux_lambda in args.aux:
             for loop in args.loops:
@@ -155,8 +161,10 @@ def main():
                 seq_len = module.model.cfg.seq_len
                 batches = fixed_batches(args, seq_len)
                 seconds = (run_plain if loop == "plain" else run_lightning)(args, module, batches)
-                tokens_per_s = args.steps * args.batch_size * seq_len / seconds
-                mfu = tokens_per_s * module.model.flops_per_token() / args.peak_flops
+                if torch.distributed.is_initialized() and torch.distributed.get_rank() > 0:
+                    continue  # DDP: rank 0 reports for all
+                tokens_per_s = args.steps * args.batch_size * seq_len * args.devices / seconds
+                mfu = tokens_per_s * module.model.flops_per_token() / (args.peak_flops * args.devices)
                 memory = torch.cuda.max_memory_allocated() / 2**30
                 print(
                     f"| {args.model} | {attention} | {aux_lambda:g} | {loop} | {tokens_per_s:,.0f} | "
