@@ -127,39 +127,43 @@ class LastCheckpoint(ModelCheckpoint):
                 log.error("`scontrol requeue %s` failed (%s): resubmit the job to resume", job, result.stderr.strip())
 
 
-def checkpoint_problem(path: Path) -> str | None:
-    """Why a training run cannot resume from this file, or None if it can."""
+def saved_step(path: Path) -> int:
+    """The global step of a training checkpoint; reads only its pickle (the tensors stay memory-mapped).
+    Raises ValueError saying why the file is not a loadable training checkpoint."""
     try:
-        with zipfile.ZipFile(path) as archive:
-            bad_record = archive.testzip()  # checks every record's CRC: catches a flipped byte, not only truncation
-    except Exception as err:  # whatever the zip reader trips on, the file is unusable
-        return f"truncated or not a checkpoint: {err}"
-    if bad_record is not None:
-        return f"corrupt record {bad_record}"
-    try:
-        keys = torch.load(path, map_location="cpu", weights_only=True, mmap=True).keys()
-    except Exception as err:
-        return f"cannot be loaded with weights_only=True: {str(err).splitlines()[0]}"
-    missing = [key for key in CHECKPOINT_KEYS if key not in keys]
-    return f"not a training checkpoint (no {', '.join(missing)})" if missing else None
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # torch, zip and pickle errors all mean the same here
+        raise ValueError(f"truncated, corrupt or not loadable with weights_only: {str(err).splitlines()[0]}") from None
+    missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
+    if missing:
+        raise ValueError(f"not a training checkpoint (no {', '.join(missing)})")
+    return checkpoint["global_step"]
+
+
+def corrupt_record(path: Path) -> str | None:
+    """The first record whose CRC does not match (a flipped byte anywhere in the file), or None."""
+    with zipfile.ZipFile(path) as archive:
+        return archive.testzip()
 
 
 def resume_checkpoint(dirpaths: list[str]) -> str | None:
-    """The newest (by modification time) readable *.ckpt in the checkpoint directories, or None if there is none.
-    An unreadable one is skipped with a warning; if every one is unreadable, a ValueError says what to do."""
-    found = sorted(
-        {path for d in dirpaths if Path(d).is_dir() for path in Path(d).glob("*.ckpt")},
-        key=lambda path: path.stat().st_mtime,
-        reverse=True,
-    )
-    problems = []
+    """The checkpoint of the highest global step in these directories (last.ckpt on a tie), or None if there is
+    none: a new run. Unreadable files are skipped with a warning that names them; if no file is readable, a
+    ValueError says what to do."""
+    found = {path for d in dirpaths if Path(d).is_dir() for path in Path(d).glob("*.ckpt")}
+    steps, problems = {}, []
     for path in found:
-        problem = checkpoint_problem(path)
-        if problem is None:
+        try:
+            steps[path] = saved_step(path)
+        except ValueError as err:
+            problems.append(f"{path} is unreadable ({err})")
+    for path in sorted(steps, key=lambda p: (steps[p], p.name == "last.ckpt"), reverse=True):
+        record = corrupt_record(path)  # read in full only for the file chosen
+        if record is None:
             if problems:
-                rank_zero_warn(f"falling back to the previous good checkpoint {path}: {'; '.join(problems)}")
+                rank_zero_warn(f"resuming from the previous good checkpoint {path}: {'; '.join(problems)}")
             return str(path)
-        problems.append(f"{path} is unreadable ({problem})")
+        problems.append(f"{path} is corrupt (record {record} fails its CRC check)")
     if problems:
         raise ValueError(
             f"no readable checkpoint to resume from: {'; '.join(problems)}. Move these files away to start the run "
