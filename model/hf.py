@@ -174,3 +174,19 @@ def hf_head_diagnosis(path: str, texts: list[str], max_tokens: int = 512, dtype:
     if total is None:
         raise ValueError("hf_head_diagnosis: no texts given")
     return (total / len(texts)).cpu()
+
+
+def export_hf(ckpt_path: str, out_dir: str) -> None:
+    """A checkpoint of a model=hf run of train.py -> a Hugging Face model directory (LoRA merged into the
+    weights) with the tokenizer of the model it started from: for eval, serving or the next fine-tuning."""
+    from transformers import AutoTokenizer
+
+    from model.lit import SinkAwareLM
+
+    module = SinkAwareLM.load_from_checkpoint(ckpt_path, map_location="cpu")
+    if not isinstance(module.model, HFGatedLM):
+        raise ValueError(f"{ckpt_path} is a checkpoint of our GPT, not of a model=hf run: nothing to export")
+    hf = module.model.hf
+    hf = hf.merge_and_unload() if hasattr(hf, "merge_and_unload") else hf  # a peft model: fold LoRA in
+    hf.save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(module.hparams.model["hf_path"], local_files_only=True).save_pretrained(out_dir)
