@@ -20,6 +20,8 @@ def start_train(tmp_path_factory):
     def start(*overrides: str, cwd: Path = ROOT, env: dict | None = None) -> subprocess.Popen:
         nonlocal count
         count += 1
+        flags = [arg for arg in overrides if arg.startswith("-")]  # e.g. -m: before the overrides, as argparse wants
+        overrides = [arg for arg in overrides if not arg.startswith("-")]
         output = logs / f"train-{count}.log"
         full_env = {
             **os.environ,
@@ -30,7 +32,7 @@ def start_train(tmp_path_factory):
         }
         with open(output, "w") as out:
             process = subprocess.Popen(
-                [sys.executable, str(ROOT / "train.py"), *TINY, *overrides],
+                [sys.executable, str(ROOT / "train.py"), *flags, *TINY, *overrides],
                 cwd=cwd,
                 env=full_env,
                 stdout=out,
