@@ -18,6 +18,7 @@ from pathlib import Path
 import lightning as L
 import torch
 import yaml
+from lightning.pytorch.strategies import DDPStrategy
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from model.lit import SinkAwareLM  # noqa: E402
@@ -35,7 +36,7 @@ def make_module(args, attention: str, aux_lambda: float) -> SinkAwareLM:
     model = {**model_fields(args.model), "attention": attention, "vocab_size": args.vocab}
     model["activation_checkpointing"] = args.activation_checkpointing
     optim = yaml.safe_load((CONF / "optim" / "adamw.yaml").read_text())
-    return SinkAwareLM(model=model, optim=optim, aux={"lambda": aux_lambda, "scope": "global"}, compile=True)
+    return SinkAwareLM(model=model, optim=optim, aux={"lambda": aux_lambda, "scope": args.aux_scope}, compile=True)
 
 
 def fixed_batches(args, seq_len: int, n: int = 4) -> list[dict]:
@@ -66,7 +67,7 @@ def run_lightning(args, module, batches) -> float:
     trainer = L.Trainer(
         accelerator="gpu",
         devices=args.devices,
-        strategy="ddp" if args.devices > 1 else "auto",
+        strategy=DDPStrategy(gradient_as_bucket_view=True, static_graph=True) if args.devices > 1 else "auto",
         precision="bf16-mixed",
         max_steps=args.warmup + args.steps,
         gradient_clip_val=1.0,
@@ -133,6 +134,7 @@ def main():
     parser.add_argument("--aux", nargs="+", type=float, default=[0.0, 1e-4])
     parser.add_argument("--loops", nargs="+", default=["plain", "lightning"], choices=["plain", "lightning"])
     parser.add_argument("--batch-size", type=int, default=8, help="rows per GPU")
+    parser.add_argument("--aux-scope", default="global", choices=["global", "local"])
     parser.add_argument("--devices", type=int, default=1, help="GPUs (DDP; lightning loop only)")
     parser.add_argument("--vocab", type=int, default=65536)
     parser.add_argument("--warmup", type=int, default=10)
