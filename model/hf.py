@@ -85,7 +85,7 @@ class HFGatedLM(nn.Module):
 
     def __init__(self, hf_model: nn.Module, name: str):
         super().__init__()
-        self.hf = hf_model
+        self.hf = hf_model.train()  # from_pretrained returns eval mode; a fresh nn.Module (and our GPT) trains
         c = hf_model.config
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         self.cfg = HFShape(name, c.model_type, c.num_hidden_layers, c.num_attention_heads, head_dim, c.hidden_size)

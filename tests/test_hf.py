@@ -162,3 +162,43 @@ def test_chat_jsonl_is_rendered_with_the_chat_template(tmp_path):
     ids = tok.encode(first["text"])
     assert tok.tok.convert_tokens_to_ids("<|im_start|>") in ids  # the template's markers are special tokens
     assert tok.token_bytes[tok.bos_id] == 0 and tok.token_bytes[ids].sum() > 0
+
+
+def test_lora_finetune_with_shared_heads_through_lightning(tmp_path):
+    """model=hf + data=jsonl_sft + the calibration callback: m shared heads per layer, only adapters move."""
+    import lightning as L
+
+    from callbacks.calibration import Calibration
+    from data.datamodule import TextDataModule
+    from data.jsonl_sft import ChatCorpus, HFTokenizer
+    from model.lit import SinkAwareLM
+
+    path = save_tiny_model(tmp_path / "m", "qwen3")
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": f"document {i}: the quick brown fox " * 4}) + "\n" for i in range(40)))
+    tokenizer = HFTokenizer(path)
+    corpus = ChatCorpus(str(data), tokenizer_path=path, val_permille=0)
+    datamodule = TextDataModule(corpus, tokenizer, seq_len=32, batch_size=2)
+    optim = dict(lr=1e-2, betas=[0.9, 0.95], eps=1e-8, weight_decay=0.0, warmup_steps=1, decay="none", min_lr_ratio=1.0)
+    module = SinkAwareLM(
+        model={"hf_path": path, "lora_rank": 4, "seq_len": 32, "vocab_size": tokenizer.vocab_size},
+        optim=optim,
+        aux={"lambda": 1e-2, "shared_heads": 1, "scope": "local"},
+    )
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[Calibration(None, batches=2)],
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, datamodule=datamodule)
+    assert (module.shared_heads.sum(-1) == 1).all()
+    moved = {n for n, p in module.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and all("lora_" in n for n in moved)
+    assert any("lora_A" in n for n in moved)  # lora_B starts at 0; after two steps both have moved
