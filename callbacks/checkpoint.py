@@ -8,16 +8,20 @@
   signal, then requeues the SLURM job. Lightning's own SLURM handler saves from inside the signal handler, in the
   middle of a step (weights, optimizer and data position out of step with each other); this one waits for the
   end of the step, so the checkpoint is as exact as a scheduled one.
+- RandomState saves every rank's random generators and restores them where the uninterrupted run had them.
 - resume_checkpoint picks the newest readable checkpoint of the run; an unreadable one is skipped, saying so.
 """
 
 import logging
 import os
+import random
 import signal
 import subprocess
 import zipfile
 from pathlib import Path
 
+import lightning as L
+import numpy as np
 import torch
 from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.cloud_io import get_filesystem
@@ -125,6 +129,61 @@ class LastCheckpoint(ModelCheckpoint):
                 log.info("requeued SLURM job %s; it resumes from %s", job, self.last_model_path)
             else:
                 log.error("`scontrol requeue %s` failed (%s): resubmit the job to resume", job, result.stderr.strip())
+
+
+class RandomState(L.Callback):
+    """Every rank's random generators (Python, NumPy, torch CPU and CUDA) in the checkpoint, restored when training
+    starts: after the data loaders have been created (which draws from torch's generator in both runs), so the
+    next step sees the generators of the uninterrupted run."""
+
+    def __init__(self):
+        self.restored = None
+
+    def state_dict(self) -> dict:
+        return {"ranks": all_ranks(generator_states())}  # every rank calls this when a checkpoint is saved
+
+    def load_state_dict(self, state: dict) -> None:
+        self.restored = state["ranks"]
+
+    def on_train_start(self, trainer, pl_module):
+        if self.restored is None:
+            return
+        if len(self.restored) != trainer.world_size:
+            raise ValueError(
+                f"the checkpoint's random state was saved by {len(self.restored)} ranks, this run has "
+                f"{trainer.world_size}: resume with the same number of devices and nodes"
+            )
+        set_generator_states(self.restored[trainer.global_rank])
+        self.restored = None
+
+
+def all_ranks(obj) -> list:
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [obj]
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, obj)
+    return gathered
+
+
+def generator_states() -> dict:
+    """As plain containers and tensors (NumPy's key array as a tensor), so the checkpoint loads with weights_only."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_generator_states(states: dict) -> None:
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, position, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+    torch.set_rng_state(states["torch"])
+    if states["cuda"]:
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def saved_step(path: Path) -> int:

@@ -3,14 +3,17 @@ bit for bit, with no step skipped or repeated; unreadable checkpoints are skippe
 
 import csv
 import errno
+import random
 import signal
 import time
 from pathlib import Path
 
+import lightning as L
+import numpy as np
 import pytest
 import torch
 
-from callbacks.checkpoint import AtomicCheckpointIO, resume_checkpoint
+from callbacks.checkpoint import AtomicCheckpointIO, LastCheckpoint, RandomState, resume_checkpoint
 
 STEPS = 16
 RUN = [
@@ -140,3 +143,45 @@ def test_a_failed_write_leaves_the_previous_checkpoint_untouched(tmp_path, monke
     with pytest.raises(OSError, match="No space left on device.*the previous checkpoint is untouched"):
         AtomicCheckpointIO().save_checkpoint({"global_step": 8}, path)
     assert path.read_bytes() == before and list(tmp_path.iterdir()) == [path]
+
+
+class Noisy(L.LightningModule):
+    """Its loss is fresh random numbers from every generator: a resumed run matches only if they are restored."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(1))
+        self.losses = []
+
+    def training_step(self, batch, batch_idx):
+        loss = self.weight * (torch.rand(1) + np.random.rand() + random.random())
+        self.losses.append(loss.item())
+        return loss.sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def fit_noisy(root: Path, steps: int, keep_random_state: bool, ckpt_path=None) -> list[float]:
+    L.seed_everything(0)
+    module = Noisy()
+    callbacks = [LastCheckpoint(str(root), every_n_train_steps=3, requeue_signals=[])]
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks + ([RandomState()] if keep_random_state else []),
+    )
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(range(100)), ckpt_path=ckpt_path)
+    return module.losses
+
+
+@pytest.mark.parametrize("keep_random_state", [True, False])
+def test_random_generators_continue_where_they_stopped(tmp_path, keep_random_state):
+    uninterrupted = fit_noisy(tmp_path / "full", 8, keep_random_state)
+    before = fit_noisy(tmp_path / "cut", 5, keep_random_state)  # last.ckpt at the end: step 5
+    after = fit_noisy(tmp_path / "cut", 8, keep_random_state, ckpt_path=str(tmp_path / "cut" / "last.ckpt"))
+    assert before == uninterrupted[:5]
+    assert (after == uninterrupted[5:]) == keep_random_state  # without RandomState they differ: the test can fail

@@ -5,11 +5,15 @@ the requeued job (same job id, hence the same run directory) resumes from that c
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 
 from callbacks.checkpoint import LastCheckpoint
+
+ROOT = Path(__file__).parents[1]
 
 STEPS = 12
 RUN = ["logger=csv", f"trainer.max_steps={STEPS}", "callbacks.checkpoint_last.every_n_train_steps=3"]
@@ -85,3 +89,12 @@ def test_the_launchers_own_handler_takes_over_the_requeue(tmp_path, monkeypatch)
 def test_a_bad_signal_name_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="'SIGFOO' is not a signal name"):
         LastCheckpoint(str(tmp_path), 10, ["SIGFOO"])
+
+
+def test_the_slurm_launcher_config_follows_the_trainer():
+    overrides = ["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "trainer=gpu", "trainer.devices=4"]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        launcher = compose("train", overrides=overrides, return_hydra_config=True).hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert (launcher.partition, launcher.gpus_per_node, launcher.tasks_per_node) == ("gpu", 4, 4)
+    assert launcher.max_num_timeout > 0 and launcher.signal_delay_s >= 60  # requeues on by default
