@@ -265,9 +265,10 @@ class HarnessLM(TemplateLM):
             until = [until] if isinstance(until, str) else until
             max_new = int(gen_kwargs.get("max_gen_toks", 256))
             temperature = float(gen_kwargs.get("temperature", 0.0)) if gen_kwargs.get("do_sample") else 0.0
-            seq_len = self.model.cfg.seq_len
+            # the prompt keeps its last tokens, leaving room for max_gen_toks (but keeping at least half the context)
+            room = max(self.model.cfg.seq_len // 2, self.model.cfg.seq_len - max_new)
             prompt = self.with_sink(self.tok_encode(context))
-            prompt = prompt if len(prompt) < seq_len else [prompt[0], *prompt[-(seq_len // 2) :]]
+            prompt = prompt if len(prompt) <= room else [prompt[0], *prompt[-(room - 1) :]]
             text = self.complete(prompt, max_new, temperature, until)
             self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
             results.append(text)
@@ -359,6 +360,12 @@ def report(cfg: DictConfig, path: Path, out_dir: Path, runtime: Runtime, label: 
     return result
 
 
+def label_of(path: Path) -> str:
+    """RUN/last.ckpt for outputs/RUN/checkpoints/last.ckpt; DIR/NAME.ckpt otherwise."""
+    folder = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    return f"{folder.name}/{path.name}"
+
+
 def side_by_side(images: list[np.ndarray]) -> np.ndarray:
     """Images of different heights in one row, on white."""
     height = max(image.shape[0] for image in images)
@@ -371,7 +378,7 @@ def compare(cfg: DictConfig, out_dir: Path, runtime: Runtime) -> list[dict]:
     reports = []
     for i, path in enumerate(cfg.compare):
         path = Path(path).expanduser()
-        reports.append(report(cfg, path, out_dir / str(i), runtime, f"[{i}] {path.parent.name}/{path.name}"))
+        reports.append(report(cfg, path, out_dir / str(i), runtime, f"[{i}] {label_of(path)}"))
     heatmaps = []
     for r in reports:
         shared = np.array(r["shared_heads"]) if r["shared_heads"] else None
@@ -445,7 +452,7 @@ def main(cfg: DictConfig) -> None:
             compare(cfg, out_dir, runtime)
         else:
             path = checkpoint_path(cfg)
-            report(cfg, path, out_dir, runtime, f"{path.parent.name}/{path.name}")
+            report(cfg, path, out_dir, runtime, label_of(path))
     except (ValueError, FileNotFoundError) as err:
         log.error("%s (set HYDRA_FULL_ERROR=1 for the traceback)", err)
         sys.exit(1)

@@ -235,3 +235,18 @@ def test_cli_sample_and_a_missing_checkpoint(trained, tmp_path):
     assert output.count("--- sample") == 2 and "\ndef" in output
     assert "nothing.ckpt: no such file" in output and "exit 1" in output
     assert "Traceback" not in output
+
+
+def test_run_name_and_bad_checkpoints_give_one_line_errors(tmp_path):
+    last = tmp_path / "myrun" / "checkpoints" / "last.ckpt"
+    last.parent.mkdir(parents=True)
+    last.write_bytes(b"not a checkpoint")
+    cfg = OmegaConf.create({"ckpt": None, "run": "myrun", "runs_dir": str(tmp_path)})
+    assert evaluation.checkpoint_path(cfg) == last
+    assert evaluation.label_of(last) == "myrun/last.ckpt"
+    with pytest.raises(ValueError, match="last.ckpt: not a readable checkpoint"):
+        evaluation.load_checkpoint(last, "auto")
+    with pytest.raises(FileNotFoundError, match="run=other: no last.ckpt under"):
+        evaluation.checkpoint_path(OmegaConf.merge(cfg, {"run": "other"}))
+    with pytest.raises(ValueError, match="exactly one of ckpt=PATH"):
+        evaluation.checkpoint_path(OmegaConf.merge(cfg, {"run": None}))
