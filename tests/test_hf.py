@@ -202,3 +202,14 @@ def test_lora_finetune_with_shared_heads_through_lightning(tmp_path):
     moved = {n for n, p in module.named_parameters() if not torch.equal(p, before[n])}
     assert moved and all("lora_" in n for n in moved)
     assert any("lora_A" in n for n in moved)  # lora_B starts at 0; after two steps both have moved
+
+    # export_hf: the fine-tuned model as a plain Hugging Face directory (LoRA merged) gives the same logits.
+    from model.hf import export_hf
+
+    trainer.save_checkpoint(tmp_path / "ft.ckpt")
+    export_hf(str(tmp_path / "ft.ckpt"), str(tmp_path / "exported"))
+    ids = torch.randint(0, 300, (1, 16))
+    with torch.no_grad():
+        ours, _ = module.eval()(ids)
+        exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()(ids).logits
+    torch.testing.assert_close(exported, ours, atol=1e-5, rtol=1e-5)
