@@ -55,9 +55,9 @@ def uninterrupted(start_train, tmp_path_factory) -> dict[int, str]:
 @pytest.mark.parametrize("kill", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_killed_run_resumes_with_the_uninterrupted_losses(start_train, tmp_path, uninterrupted, kill):
     assert sorted(uninterrupted) == list(range(STEPS))
-    run_dir = tmp_path / "run"
+    run_dir = tmp_path / "outputs" / "killed"  # `run=killed` started in tmp_path; the same command resumes it
     last = run_dir / "checkpoints" / "last.ckpt"
-    first = start_train(*RUN, f"hydra.run.dir={run_dir}")
+    first = start_train(*RUN, "run=killed", cwd=tmp_path)
     wait_for(last, first)  # written after step 4
     first.send_signal(kill)
     assert first.wait(timeout=300) != 0 or kill == signal.SIGTERM
@@ -70,7 +70,7 @@ def test_killed_run_resumes_with_the_uninterrupted_losses(start_train, tmp_path,
         before = {step: loss for step, loss in uninterrupted.items() if step < stopped_at}
         assert stopped_at % 4 == 0
 
-    second = start_train(*RUN, f"hydra.run.dir={run_dir}")
+    second = start_train(*RUN, "run=killed", cwd=tmp_path)
     assert second.wait(timeout=600) == 0, second.read_output()[-3000:]
     assert f"resuming {last}" in second.read_output()
     after = losses(run_dir)  # the resumed process's own log
