@@ -8,6 +8,7 @@ python train.py -m attention=vanilla,sink,gated aux.lambda=0,1e-4
 import logging
 import os
 import secrets
+import signal
 import sys
 from pathlib import Path
 
@@ -18,9 +19,10 @@ from hydra.types import RunMode
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from callbacks.checkpoint import AtomicCheckpointIO, resume_checkpoint
+from callbacks.checkpoint import AtomicCheckpointIO, CheckpointWriteError, resume_checkpoint
 from model.lit import SinkAwareLM
 
 log = logging.getLogger("train")
@@ -81,10 +83,13 @@ def main(cfg: DictConfig) -> None:
         ckpt_path = resume_checkpoint([c.dirpath for c in trainer.checkpoint_callbacks])
         log.info("run directory %s: %s", cfg.paths.output_dir, f"resuming {ckpt_path}" if ckpt_path else "a new run")
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, CheckpointWriteError) as err:
         # Errors we raise for bad input already say what is wrong and how to fix it: no traceback wall.
         log.error("%s (set HYDRA_FULL_ERROR=1 for the traceback)", err)
         sys.exit(1)
+    except SIGTERMException:  # raised by Lightning between two steps, after LastCheckpoint saved that step
+        log.warning("stopped by SIGTERM at step %d, saved: the same command resumes the run", trainer.global_step)
+        sys.exit(128 + signal.SIGTERM)
 
 
 if __name__ == "__main__":

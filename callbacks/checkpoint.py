@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 CHECKPOINT_KEYS = ("state_dict", "optimizer_states", "loops", "global_step")
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, a quota); the previous one is untouched."""
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         if not isinstance(get_filesystem(path), LocalFileSystem):
@@ -49,7 +53,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 os.fsync(f.fileno())
         except OSError as err:
             partial.unlink(missing_ok=True)
-            raise OSError(f"could not write checkpoint {path} ({err}); the previous checkpoint is untouched") from None
+            raise CheckpointWriteError(
+                f"could not write checkpoint {path} ({err}); the previous one is untouched"
+            ) from None
         os.replace(partial, path)
         directory = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
         try:
