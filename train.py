@@ -3,6 +3,9 @@
 python train.py                                    # tiny model, offline corpus, CPU
 python train.py attention=gated aux.lambda=1e-4    # the paper's from-scratch setting
 python train.py -m attention=vanilla,sink,gated aux.lambda=0,1e-4
+python train.py run=NAME                           # again: resumes that run from its newest good checkpoint
+
+How resume, SLURM requeue and sweeps work: docs/checkpointing.md.
 """
 
 import logging
