@@ -182,8 +182,9 @@ def ablation_figure(curves: dict[str, dict]):
         ax.plot(curve["k"], curve["least_important"], "o-", color=color, label=f"{label}: least important off")
         ax.plot(curve["k"], curve["most_important"], "s--", color=color, label=f"{label}: most important off")
     ax.set_xlabel("heads switched off per layer (k)")
+    ax.set_xticks(curve["k"])
     ax.set_ylabel("validation BPB")
-    ax.set_title("head ablation: a collapsed model loses little when its dormant heads go", fontsize=9)
+    ax.set_title("head ablation: BPB with the k least / most important heads of every layer off", fontsize=9)
     ax.legend(fontsize=7)
     return fig
 
