@@ -81,6 +81,13 @@ class SinkAwareLM(L.LightningModule):
         self.token_nll = token_nll
 
     def configure_model(self):
+        if self.device_mesh is not None:  # trainer=fsdp (ModelParallelStrategy): FSDP2, one unit per block
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = self.device_mesh["data_parallel"]
+            for block in self.model.blocks:
+                fully_shard(block, mesh=mesh)
+            fully_shard(self.model, mesh=mesh)
         if self.hparams.compile:
             self.model.compile()  # in place: state_dict keys stay free of "_orig_mod."
             self.token_nll = torch.compile(token_nll)
