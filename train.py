@@ -31,8 +31,14 @@ from model.lit import SinkAwareLM
 log = logging.getLogger("train")
 
 
+TRAIN_MODES = ("pretrain", "finetune")  # conf/mode also holds eval.py's modes (report, sample)
+
+
 def build(cfg: DictConfig):
     """Data, module, trainer from a composed config."""
+    mode = HydraConfig.get().runtime.choices.get("mode")
+    if mode not in TRAIN_MODES:
+        raise ValueError(f"mode={mode} is an eval.py mode; train.py takes mode={' | '.join(TRAIN_MODES)}")
     datamodule = instantiate(cfg.data)
     plain = lambda node: OmegaConf.to_container(node, resolve=True)  # noqa: E731 (no DictConfig in ckpts)
     module = SinkAwareLM(
