@@ -361,6 +361,29 @@ def report(cfg: DictConfig, path: Path, out_dir: Path, runtime: Runtime, label: 
     return result
 
 
+def hf_report(cfg: DictConfig, out_dir: Path, runtime: Runtime) -> dict:
+    """The head-collapse diagnosis of a Hugging Face model (`hf_model=PATH`): importance over `samples` validation
+    documents of the data config (raw text, the model's own tokenizer), CV per layer, heatmap and report.json."""
+    from itertools import islice
+
+    from model.hf import hf_head_diagnosis
+
+    corpus = instantiate(cfg.data.corpus)
+    docs = islice(corpus.documents("validation", seed=cfg.seed), cfg.samples)
+    texts = [doc[corpus.text_column] for doc in docs]
+    dtype = "float32" if runtime.dtype == "fp32" else "bfloat16"
+    imp = hf_head_diagnosis(cfg.hf_model, texts, dtype=dtype, device=runtime.device).float()
+    cv = coefficient_of_variation(imp)
+    label = Path(cfg.hf_model).name
+    result = {"hf_model": cfg.hf_model, "documents": len(texts), "importance": imp.tolist(), "cv": cv.tolist()}
+    result["cv_mean"] = cv.mean().item()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_figure(importance_heatmap(imp.numpy(), f"{label}: mean CV {cv.mean():.3f}"), out_dir / "importance.png")
+    (out_dir / "report.json").write_text(json.dumps(result, indent=2))
+    log.info("%s: mean CV %.3f over %d documents; report written to %s", label, cv.mean(), len(texts), out_dir)
+    return result
+
+
 def label_of(path: Path) -> str:
     """RUN/last.ckpt for outputs/RUN/checkpoints/last.ckpt; DIR/NAME.ckpt otherwise."""
     folder = path.parent.parent if path.parent.name == "checkpoints" else path.parent
@@ -449,6 +472,8 @@ def main(cfg: DictConfig) -> None:
         out_dir = Path(cfg.paths.output_dir)
         if mode == "sample":
             sample(cfg, runtime)
+        elif cfg.hf_model:
+            hf_report(cfg, out_dir, runtime)
         elif cfg.compare:
             compare(cfg, out_dir, runtime)
         else:

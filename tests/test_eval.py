@@ -216,7 +216,9 @@ def test_harness_rolling_loglikelihood_and_generation():
     assert lm.generate_until([Request("xa", {"until": ["e"], "max_gen_toks": 10})]) == ["bcd"]
 
 
-def test_cli_sample_and_a_missing_checkpoint(trained, tmp_path):
+def test_cli_sample_hf_diagnosis_and_a_missing_checkpoint(trained, tmp_path):
+    from test_hf import save_tiny_model
+
     env = {**os.environ, "SINKAWARE_CACHE_DIR": CACHE}
     code = (  # both commands in one process: importing Lightning alone takes seconds
         "import runpy, sys\n"
@@ -229,12 +231,18 @@ def test_cli_sample_and_a_missing_checkpoint(trained, tmp_path):
     )
     sample = f"mode=sample ckpt={trained['path']} prompt=def num_samples=2 max_new_tokens=8 top_k=5 seed=1"
     missing = f"ckpt={tmp_path}/nothing.ckpt"
-    runs = [f"{args} hydra.run.dir={tmp_path}/{i}" for i, args in enumerate([sample, missing])]
+    hf = f"hf_model={save_tiny_model(tmp_path / 'hf', 'llama')} samples=3"
+    runs = [f"{args} hydra.run.dir={tmp_path}/{i}" for i, args in enumerate([sample, missing, hf])]
     result = subprocess.run([sys.executable, "-c", code, *runs], cwd=ROOT, env=env, capture_output=True, text=True)
     output = result.stdout + result.stderr
     assert output.count("--- sample") == 2 and "\ndef" in output
     assert "nothing.ckpt: no such file" in output and "exit 1" in output
     assert "Traceback" not in output
+    hf_report = json.loads((tmp_path / "2" / "report.json").read_text())
+    imp = torch.tensor(hf_report["importance"])
+    assert hf_report["documents"] == 3 and imp.shape == (2, 4) and ((imp > 0) & (imp < 1)).all()
+    assert hf_report["cv_mean"] == pytest.approx((imp.std(1, unbiased=False) / imp.mean(1)).mean().item(), rel=1e-5)
+    assert (tmp_path / "2" / "importance.png").exists()
 
 
 def test_run_name_and_bad_checkpoints_give_one_line_errors(tmp_path):
