@@ -86,11 +86,7 @@ def run_plain(args, module, batches) -> float:
     """The same math without Lightning: what a hand-written nanoGPT-style loop does."""
     module.cuda()
     module.configure_model()  # compile, as Lightning would
-    decay = [p for n, p in module.model.named_parameters() if p.dim() >= 2 and n != "wte.weight"]
-    rest = [p for n, p in module.model.named_parameters() if not (p.dim() >= 2 and n != "wte.weight")]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}], lr=3e-4, fused=True
-    )
+    optimizer = torch.optim.AdamW(module.param_groups(weight_decay=0.1), lr=3e-4, fused=True)
 
     def train_step(step: int):
         batch = {k: v.cuda(non_blocking=True) for k, v in batches[step % len(batches)].items()}

@@ -138,20 +138,23 @@ class SinkAwareLM(L.LightningModule):
             raise ValueError(f"trainer.precision={self.trainer.precision} is not supported: use bf16-mixed or 32-true")
         torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
 
-    def configure_optimizers(self):
-        opt = self.hparams.optim
-        # Weight decay on the hidden matrices only; not on embeddings, sink logits or norms.
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """Weight decay on the hidden matrices only; not on embeddings, sink logits or norms."""
         decay, no_decay = [], []
         for name, p in self.model.named_parameters():
             if not p.requires_grad:  # frozen, e.g. the base weights under LoRA
                 continue
             (decay if p.dim() >= 2 and name != "wte.weight" else no_decay).append(p)
-        groups = [
-            {"params": decay, "weight_decay": opt["weight_decay"]},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def configure_optimizers(self):
+        opt = self.hparams.optim
         optimizer = torch.optim.AdamW(
-            groups, lr=opt["lr"], betas=tuple(opt["betas"]), eps=opt["eps"], fused=self.device.type == "cuda"
+            self.param_groups(opt["weight_decay"]),
+            lr=opt["lr"],
+            betas=tuple(opt["betas"]),
+            eps=opt["eps"],
+            fused=self.device.type == "cuda",
         )
         total = self.trainer.max_steps
         if total is None or total <= 0:
