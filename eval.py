@@ -345,7 +345,7 @@ def report(cfg: DictConfig, path: Path, out_dir: Path, runtime: Runtime, label: 
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     shared = np.array(info["shared_heads"]) if info["shared_heads"] else None
-    title = f"{label}: BPB {plain['bpb']:.3f}, mean CV {cv.mean():.3f}"
+    title = f"{label}: BPB {plain['bpb']:.3f}"
     save_figure(importance_heatmap(imp.numpy(), title, shared), out_dir / "importance.png")
     if cfg.ablation.samples > 0:
         ablation_batches = (
@@ -378,7 +378,7 @@ def hf_report(cfg: DictConfig, out_dir: Path, runtime: Runtime) -> dict:
     result = {"hf_model": cfg.hf_model, "documents": len(texts), "importance": imp.tolist(), "cv": cv.tolist()}
     result["cv_mean"] = cv.mean().item()
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_figure(importance_heatmap(imp.numpy(), f"{label}: mean CV {cv.mean():.3f}"), out_dir / "importance.png")
+    save_figure(importance_heatmap(imp.numpy(), label), out_dir / "importance.png")
     (out_dir / "report.json").write_text(json.dumps(result, indent=2))
     log.info("%s: mean CV %.3f over %d documents; report written to %s", label, cv.mean(), len(texts), out_dir)
     return result
@@ -406,7 +406,7 @@ def compare(cfg: DictConfig, out_dir: Path, runtime: Runtime) -> list[dict]:
     heatmaps = []
     for r in reports:
         shared = np.array(r["shared_heads"]) if r["shared_heads"] else None
-        title = f"{r['label']}\nBPB {r['bpb']:.3f}, mean CV {r['cv_mean']:.3f}"
+        title = f"{r['label']}\nBPB {r['bpb']:.3f}"
         heatmaps.append(figure_to_array(importance_heatmap(np.array(r["importance"]), title, shared)))
     Image.fromarray(side_by_side(heatmaps)).save(out_dir / "importance_compare.png")
     if cfg.ablation.samples > 0:

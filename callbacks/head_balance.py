@@ -47,8 +47,7 @@ def balance_metrics(imp, shared) -> dict[str, float]:
 
 def heatmap_figure(imp: np.ndarray, step: int, shared: np.ndarray | None):
     """The heatmap this callback logs: imp (L, H), shared (L, H) bool or None."""
-    cv_mean = float(np.mean(imp.std(axis=1) / imp.mean(axis=1)))
-    return importance_heatmap(imp, f"head importance at step {step}, mean CV {cv_mean:.3f}", shared)
+    return importance_heatmap(imp, f"head importance at step {step}", shared)
 
 
 class HeadBalanceMonitor(L.Callback):

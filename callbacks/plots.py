@@ -9,16 +9,20 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from model.balance import coefficient_of_variation  # noqa: E402
 
 
 def importance_heatmap(imp, title: str = "", shared=None, vmax: float | None = 1.0):
-    """imp (L, H) -> figure: one cell per head, layers top to bottom, CV of each layer on the right.
+    """imp (L, H) -> figure: one cell per head, layers top to bottom, each layer's CV beside it, the mean CV
+    after the title.
 
     shared (L, H) bool, if given, outlines the heads exempt from balancing (fine-tuning, Eq. 8).
     """
     imp = np.asarray(imp, dtype=np.float64)
     n_layer, n_head = imp.shape
-    cv = imp.std(axis=1) / imp.mean(axis=1)
+    cv = coefficient_of_variation(torch.from_numpy(imp)).numpy()
     fig, ax = plt.subplots(figsize=(1.2 + 0.45 * n_head, 1.0 + 0.3 * n_layer), dpi=100, constrained_layout=True)
     image = ax.imshow(imp, cmap="viridis", vmin=0.0, vmax=vmax, aspect="auto", interpolation="nearest")
     ax.set_xlabel("head")
@@ -30,7 +34,7 @@ def importance_heatmap(imp, title: str = "", shared=None, vmax: float | None = 1
     if shared is not None:
         for l, h in zip(*np.nonzero(np.asarray(shared)), strict=True):
             ax.add_patch(plt.Rectangle((h - 0.5, l - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.5))
-    ax.set_title(title or f"head importance (mean CV {cv.mean():.3f})", fontsize=9)
+    ax.set_title(f"{title or 'head importance'}, mean CV {cv.mean():.3f}", fontsize=9)
     fig.colorbar(image, ax=ax, label="importance (mean gate)")
     return fig
 
