@@ -7,9 +7,12 @@ natural-log LSE of its scores, and turns the LSE into that head's gate G (B, H, 
     sink     G = sigmoid(LSE[t] - b_h),  O = G · softmax(s)·V       (b_h: a learnable logit with no value)
     gated    G = sigmoid(x_t · W_theta),  O = G · softmax(s)·V      (x_t: the normed block input)
 
-Vanilla attention's output is the plain softmax output: its gate is read off, not applied. Two
-backends give softmax(s)·V and LSE: "reference", an explicit T×T softmax (CPU, tests), and "flex",
-FlexAttention with the LSE returned by the kernel (CUDA; no T×T matrix, gradients flow through LSE).
+Vanilla attention's output is the plain softmax output: its gate is read off, not applied. Three
+backends give softmax(s)·V: "reference", an explicit T×T softmax with its LSE (CPU, tests); "flex",
+FlexAttention with the LSE returned by the kernel (CUDA; no T×T matrix, gradients flow through LSE); and
+"sdpa", PyTorch's fused attention (cuDNN first), which is faster but returns no LSE, so only the gated
+variant can use it. "auto" picks flex for vanilla and sink and sdpa for gated on CUDA (measurements in
+docs/benchmarks.md, bench/attention_kernels.py), the reference elsewhere.
 """
 
 import math
@@ -20,9 +23,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 ATTENTIONS = ("vanilla", "sink", "gated")
-BACKENDS = ("auto", "reference", "flex")
+BACKENDS = ("auto", "reference", "flex", "sdpa")
+LSE_GATES = ("vanilla", "sink")  # variants whose gate is computed from the LSE
 
 
 @dataclass
@@ -33,8 +38,9 @@ class GPTConfig:
     n_head: int = 10
     seq_len: int = 2048
     attention: str = "vanilla"  # vanilla | sink | gated
-    backend: str = "auto"  # auto (flex on CUDA, reference elsewhere) | reference | flex
+    backend: str = "auto"  # auto (CUDA: flex for vanilla/sink, sdpa for gated; else reference) | reference|flex|sdpa
     rope_base: float = 10000.0
+    flex_kernel_options: dict | None = None  # FlexAttention tile sizes etc. (e.g. {"USE_TMA": true}); None = torch's
     activation_checkpointing: bool = False  # recompute each block in backward: less memory (2b on 80 GB)
 
     def __post_init__(self):
@@ -42,6 +48,10 @@ class GPTConfig:
             raise ValueError(f"attention={self.attention!r} is not one of {ATTENTIONS}")
         if self.backend not in BACKENDS:
             raise ValueError(f"attention.backend={self.backend!r} is not one of {BACKENDS}")
+        if self.backend == "sdpa" and self.attention in LSE_GATES:
+            raise ValueError(
+                f"attention.backend=sdpa returns no LSE, which the {self.attention} gate needs: use flex or auto"
+            )
         if self.n_embd % self.n_head:
             raise ValueError(f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}")
 
@@ -51,7 +61,7 @@ class GPTConfig:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Attention kernels: both return (softmax(s)·V, LSE) for causal attention, shapes (B,H,T,D) and (B,H,T).
+# Attention kernels: (softmax(s)·V, LSE) for causal attention, shapes (B,H,T,D) and (B,H,T); sdpa gives no LSE.
 
 
 def reference_attention(q, k, v):
@@ -83,15 +93,33 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def flex_causal_attention(q, k, v):
+def flex_causal_attention(q, k, v, kernel_options=None):
     """FlexAttention; LSE comes from the kernel (natural log, differentiable), no T×T matrix."""
     from torch.nn.attention.flex_attention import AuxRequest, flex_attention
 
     block_mask = _causal_block_mask(q.size(-2), str(q.device))
     # Inside a compiled model dynamo fuses flex_attention itself; called eagerly it needs its own compile.
     flex = flex_attention if torch.compiler.is_compiling() else _compiled_flex()
-    out, aux = flex(q, k, v, block_mask=block_mask, return_aux=AuxRequest(lse=True))
+    out, aux = flex(q, k, v, block_mask=block_mask, return_aux=AuxRequest(lse=True), kernel_options=kernel_options)
     return out, aux.lse
+
+
+# cuDNN's attention runs fwd+bwd at ~1.5x FlexAttention's speed on an H100; flash, then the rest, as fallbacks.
+SDPA_PRIORITY = [
+    SDPBackend.CUDNN_ATTENTION,
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.MATH,
+]
+
+
+def sdpa_causal_attention(q, k, v):
+    """PyTorch's fused attention, cuDNN first; (output, None): no LSE."""
+    with sdpa_kernel(SDPA_PRIORITY, set_priority=True):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True), None
+
+
+ATTENTION_KERNELS = {"reference": reference_attention, "sdpa": sdpa_causal_attention}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -146,17 +174,8 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.extend(k, v)  # all positions so far: k[:, :, :1] is still the BOS sink of vanilla
         y, lse = self.attend(q, k, v)
-
-        kind, acc = self.cfg.attention, lse.dtype  # gate math in the LSE's precision (>= fp32)
-        if kind == "vanilla":
-            sink_score = (q.to(acc) * k[:, :, :1].to(acc)).sum(-1) / math.sqrt(D)  # s[t, 0]
-            # 1 - A[t, 0], exact near 0 and 1; the clamp only removes rounding above 0 (s[t,0] <= LSE[t])
-            gate = -torch.expm1((sink_score - lse).clamp(max=0.0))
-        elif kind == "sink":
-            gate = torch.sigmoid(lse - self.sink_logit.to(acc).view(1, H, 1))
-        else:
-            gate = torch.sigmoid(self.gate_proj(x).to(acc)).transpose(1, 2)
-        if kind != "vanilla":
+        gate = self.gate(x, q, k, lse)
+        if self.cfg.attention != "vanilla":
             y = y * gate.unsqueeze(-1).to(y.dtype)
         if head_mask is not None:
             y = y * head_mask.view(1, H, 1, 1).to(y.dtype)
@@ -166,10 +185,25 @@ class CausalSelfAttention(nn.Module):
     def attend(self, q, k, v):
         backend = self.cfg.backend
         if backend == "auto":
-            backend = "flex" if q.is_cuda else "reference"
+            backend = ("flex" if self.cfg.attention in LSE_GATES else "sdpa") if q.is_cuda else "reference"
         if q.size(-2) != k.size(-2):  # cached generation: a few queries over the cache, no T×T matrix to avoid
             backend = "reference"
-        return flex_causal_attention(q, k, v) if backend == "flex" else reference_attention(q, k, v)
+        if backend == "flex":
+            return flex_causal_attention(q, k, v, self.cfg.flex_kernel_options)
+        return ATTENTION_KERNELS[backend](q, k, v)
+
+    def gate(self, x, q, k, lse):
+        """The gate (B, H, T) in fp32 (fp64 for fp64 inputs): from the LSE for vanilla and sink, from x for gated."""
+        kind, D = self.cfg.attention, self.cfg.head_dim
+        if kind == "gated":
+            acc = torch.promote_types(x.dtype, torch.float32)
+            return torch.sigmoid(self.gate_proj(x).to(acc)).transpose(1, 2)
+        acc = lse.dtype  # the LSE's precision (>= fp32)
+        if kind == "sink":
+            return torch.sigmoid(lse - self.sink_logit.to(acc).view(1, -1, 1))
+        sink_score = (q.to(acc) * k[:, :, :1].to(acc)).sum(-1) / math.sqrt(D)  # s[t, 0]
+        # 1 - A[t, 0], exact near 0 and 1; the clamp only removes rounding above 0 (s[t,0] <= LSE[t])
+        return -torch.expm1((sink_score - lse).clamp(max=0.0))
 
 
 class MLP(nn.Module):

@@ -54,7 +54,8 @@ def outputs_and_grads(fn, layer, x):
     x = x.clone().requires_grad_(True)
     out, gate = fn(x)
     g = torch.Generator().manual_seed(1)
-    loss = (out * torch.randn(out.shape, generator=g)).sum() + (gate * torch.randn(gate.shape, generator=g)).sum()
+    w_out, w_gate = (torch.randn(t.shape, generator=g).to(t) for t in (out, gate))
+    loss = (out * w_out).sum() + (gate * w_gate).sum()
     loss.backward()
     grads = {name: p.grad.clone() for name, p in layer.named_parameters()}
     return out.detach(), gate.detach(), x.grad, grads
@@ -151,3 +152,39 @@ def test_flex_backend_matches_reference_on_cuda(attention):
     torch.testing.assert_close(x2, x1, atol=2e-3, rtol=2e-3)
     for name in p1:
         torch.testing.assert_close(p2[name], p1[name], atol=2e-3, rtol=2e-3, msg=f"gradient of {name}")
+
+
+def test_sdpa_needs_no_lse_so_only_gated_may_use_it():
+    GPTConfig(attention="gated", backend="sdpa")
+    for attention in ("vanilla", "sink"):
+        with pytest.raises(ValueError, match=f"backend=sdpa returns no LSE, which the {attention} gate needs"):
+            GPTConfig(attention=attention, backend="sdpa")
+
+
+@pytest.mark.parametrize(
+    "device, dtype",
+    [
+        ("cpu", torch.float64),
+        pytest.param(
+            "cuda",
+            torch.bfloat16,
+            marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (cuDNN)")],
+        ),
+    ],
+)
+def test_sdpa_backend_matches_reference_for_gated(device, dtype):
+    """On CUDA in bf16 this is the cuDNN kernel that backend=auto picks for gated attention."""
+    layer = make_layer("gated").to(device, dtype)
+    cos, sin = (t.to(device, dtype) for t in rotary_tables(T, D, 10000.0))
+    x = torch.randn(B, T, C).to(device, dtype)
+    results = []
+    for backend in ("reference", "sdpa"):
+        layer.cfg.backend = backend
+        results.append(outputs_and_grads(lambda x: layer(x, cos, sin), layer, x))
+    tol = {} if dtype == torch.float64 else {"atol": 3e-2, "rtol": 3e-2}  # bf16 matmuls on both sides
+    (o1, g1, x1, p1), (o2, g2, x2, p2) = results
+    torch.testing.assert_close(o2, o1, **tol)
+    torch.testing.assert_close(g2, g1, **tol)
+    torch.testing.assert_close(x2, x1, **tol)
+    for name in p1:
+        torch.testing.assert_close(p2[name], p1[name], **tol, msg=f"gradient of {name}")
