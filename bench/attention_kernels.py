@@ -5,13 +5,15 @@
 
 Each row runs the model's own CausalSelfAttention.attend + .gate (the kernel and the variant's gate, no
 projections) compiled, then the backward of a loss on the gated output and on the gate, so a kernel only
-counts for a variant when it gives that variant's gate and its gradient. This is how `backend: auto`
-was chosen: sdpa (cuDNN) returns no LSE, so vanilla and sink, whose gates are functions of the LSE, need
-flex; gated does not. TFLOP/s counts the causal half of the work: 2·B·H·T²·D forward, 2.5x that backward.
+counts for a variant when it gives that variant's gate and its gradient: sdpa (cuDNN) returns no LSE, so
+vanilla and sink, whose gates are functions of the LSE, need flex; gated could use either, and `backend:
+auto` takes the faster. TFLOP/s counts the causal half of the work: 2·B·H·T²·D forward, 2.5x backward.
+The time is the median of --repeats timings of --iters calls each (clocks and other tenants move single ones).
 """
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -36,17 +38,20 @@ def attention_step(layer: CausalSelfAttention):
     return torch.compile(step)
 
 
-def time_ms(fn, inputs, warmup: int, iters: int) -> float:
-    """Milliseconds per forward + backward, CUDA events around `iters` calls."""
+def time_ms(fn, inputs, warmup: int, iters: int, repeats: int) -> float:
+    """Milliseconds per forward + backward: the median over `repeats` of CUDA-event timings of `iters` calls."""
     for _ in range(warmup):
         fn(*inputs).backward()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn(*inputs).backward()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
+    timings = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn(*inputs).backward()
+        end.record()
+        torch.cuda.synchronize()
+        timings.append(start.elapsed_time(end) / iters)
+    return statistics.median(timings)
 
 
 def main():
@@ -57,8 +62,9 @@ def main():
     parser.add_argument("--heads", type=int, default=10)
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--flex-options", type=json.loads, default=None, help="kernel_options for flex, as JSON")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -81,7 +87,7 @@ def main():
             qkv = [t.requires_grad_(True) for t in qkv]
             x = torch.randn(B, T, H * D, device="cuda", dtype=torch.bfloat16, generator=g)
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                ms = time_ms(attention_step(layer), (*qkv, x), args.warmup, args.iters)
+                ms = time_ms(attention_step(layer), (*qkv, x), args.warmup, args.iters, args.repeats)
             print(f"| {attention} | {kernel} | {ms:.2f} | {flops / ms / 1e9:.0f} |", flush=True)
 
 

@@ -33,7 +33,7 @@ def model_fields(name: str) -> dict:
 
 
 def make_module(args, attention: str, aux_lambda: float) -> SinkAwareLM:
-    model = {**model_fields(args.model), "attention": attention, "vocab_size": args.vocab}
+    model = {**model_fields(args.model), "attention": attention, "vocab_size": args.vocab, "backend": args.backend}
     model["activation_checkpointing"] = args.activation_checkpointing
     optim = yaml.safe_load((CONF / "optim" / "adamw.yaml").read_text())
     return SinkAwareLM(model=model, optim=optim, aux={"lambda": aux_lambda, "scope": args.aux_scope}, compile=True)
@@ -62,12 +62,23 @@ class Stopwatch(L.Callback):
         self.seconds = time.perf_counter() - self.start
 
 
+def ddp_strategy(args) -> DDPStrategy:
+    """The strategy of conf/trainer/ddp.yaml, with the gradient all-reduce options under test."""
+    hook = None
+    if args.ddp_comm_hook == "bf16":
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook as hook
+    return DDPStrategy(
+        gradient_as_bucket_view=True, static_graph=True, bucket_cap_mb=args.bucket_cap_mb, ddp_comm_hook=hook
+    )
+
+
 def run_lightning(args, module, batches) -> float:
     stopwatch = Stopwatch(args.warmup)
     trainer = L.Trainer(
         accelerator="gpu",
         devices=args.devices,
-        strategy=DDPStrategy(gradient_as_bucket_view=True, static_graph=True) if args.devices > 1 else "auto",
+        strategy=ddp_strategy(args) if args.devices > 1 else "auto",
+        accumulate_grad_batches=args.accumulate,
         precision="bf16-mixed",
         max_steps=args.warmup + args.steps,
         gradient_clip_val=1.0,
@@ -77,7 +88,8 @@ def run_lightning(args, module, batches) -> float:
         enable_model_summary=False,
         callbacks=[stopwatch],
     )
-    loader = torch.utils.data.DataLoader(batches * (args.warmup + args.steps), batch_size=None, pin_memory=True)
+    n_batches = (args.warmup + args.steps) * args.accumulate
+    loader = torch.utils.data.DataLoader(batches * n_batches, batch_size=None, pin_memory=True)
     trainer.fit(module, train_dataloaders=loader)
     return stopwatch.seconds
 
@@ -133,6 +145,10 @@ def main():
     parser.add_argument("--aux-scope", default="global", choices=["global", "local"])
     parser.add_argument("--devices", type=int, default=1, help="GPUs (DDP; lightning loop only)")
     parser.add_argument("--vocab", type=int, default=65536)
+    parser.add_argument("--backend", default="auto", help="attention.backend: auto | flex | sdpa (gated only)")
+    parser.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimizer step (lightning)")
+    parser.add_argument("--bucket-cap-mb", type=int, default=25, help="DDP gradient bucket size")
+    parser.add_argument("--ddp-comm-hook", default="none", choices=["none", "bf16"], help="bf16: half the bytes")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--activation-checkpointing", action="store_true")
@@ -141,13 +157,15 @@ def main():
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/throughput.py needs a CUDA GPU")
-    if args.devices > 1 and args.loops != ["lightning"]:
-        sys.exit("--devices > 1 needs --loops lightning (the plain loop is single-GPU)")
+    if (args.devices > 1 or args.accumulate > 1) and args.loops != ["lightning"]:
+        sys.exit("--devices > 1 and --accumulate > 1 need --loops lightning (the plain loop is one GPU, one batch)")
     torch.backends.cuda.matmul.allow_tf32 = True
     if os.environ.get("LOCAL_RANK", "0") == "0":  # DDP re-runs this script once per extra GPU
         print(
             f"# {torch.cuda.get_device_name()} x{args.devices}, torch {torch.__version__}, lightning {L.__version__}, "
-            f"batch {args.batch_size}/GPU, vocab {args.vocab}, {args.steps} timed steps after {args.warmup}"
+            f"batch {args.batch_size}/GPU x{args.accumulate} accumulated, vocab {args.vocab}, backend {args.backend}, "
+            f"{args.steps} timed steps after {args.warmup}"
+            + (f", DDP buckets {args.bucket_cap_mb} MB, comm hook {args.ddp_comm_hook}" if args.devices > 1 else "")
         )
         print("| model | attention | aux λ | loop | tokens/s | MFU | peak mem GiB |")
         print("|---|---|---|---|---|---|---|")
@@ -161,7 +179,7 @@ def main():
                 seconds = (run_plain if loop == "plain" else run_lightning)(args, module, batches)
                 if torch.distributed.is_initialized() and torch.distributed.get_rank() > 0:
                     continue  # DDP: rank 0 reports for all
-                tokens_per_s = args.steps * args.batch_size * seq_len * args.devices / seconds
+                tokens_per_s = args.steps * args.accumulate * args.batch_size * seq_len * args.devices / seconds
                 mfu = tokens_per_s * module.model.flops_per_token() / (args.peak_flops * args.devices)
                 memory = torch.cuda.max_memory_allocated() / 2**30
                 print(

@@ -10,9 +10,9 @@ natural-log LSE of its scores, and turns the LSE into that head's gate G (B, H, 
 Vanilla attention's output is the plain softmax output: its gate is read off, not applied. Three
 backends give softmax(s)·V: "reference", an explicit T×T softmax with its LSE (CPU, tests); "flex",
 FlexAttention with the LSE returned by the kernel (CUDA; no T×T matrix, gradients flow through LSE); and
-"sdpa", PyTorch's fused attention (cuDNN first), which is faster but returns no LSE, so only the gated
-variant can use it. "auto" picks flex for vanilla and sink and sdpa for gated on CUDA (measurements in
-docs/benchmarks.md, bench/attention_kernels.py), the reference elsewhere.
+"sdpa", PyTorch's fused attention (cuDNN first), which returns no LSE, so only the gated variant can use
+it. "auto" is flex on CUDA for all three: on an H100 (torch 2.11) flex with its LSE was as fast as cuDNN
+even for gated (bench/attention_kernels.py, docs/benchmarks.md); the reference elsewhere.
 """
 
 import math
@@ -38,7 +38,7 @@ class GPTConfig:
     n_head: int = 10
     seq_len: int = 2048
     attention: str = "vanilla"  # vanilla | sink | gated
-    backend: str = "auto"  # auto (CUDA: flex for vanilla/sink, sdpa for gated; else reference) | reference|flex|sdpa
+    backend: str = "auto"  # auto (flex on CUDA, reference elsewhere) | reference | flex | sdpa (gated only)
     rope_base: float = 10000.0
     flex_kernel_options: dict | None = None  # FlexAttention tile sizes etc. (e.g. {"USE_TMA": true}); None = torch's
     activation_checkpointing: bool = False  # recompute each block in backward: less memory (2b on 80 GB)
@@ -104,7 +104,7 @@ def flex_causal_attention(q, k, v, kernel_options=None):
     return out, aux.lse
 
 
-# cuDNN's attention runs fwd+bwd at ~1.5x FlexAttention's speed on an H100; flash, then the rest, as fallbacks.
+# cuDNN first (on an H100 its fwd+bwd is ~1.45x PyTorch's flash kernel), then the others as fallbacks.
 SDPA_PRIORITY = [
     SDPBackend.CUDNN_ATTENTION,
     SDPBackend.FLASH_ATTENTION,
@@ -185,7 +185,7 @@ class CausalSelfAttention(nn.Module):
     def attend(self, q, k, v):
         backend = self.cfg.backend
         if backend == "auto":
-            backend = ("flex" if self.cfg.attention in LSE_GATES else "sdpa") if q.is_cuda else "reference"
+            backend = "flex" if q.is_cuda else "reference"
         if q.size(-2) != k.size(-2):  # cached generation: a few queries over the cache, no T×T matrix to avoid
             backend = "reference"
         if backend == "flex":

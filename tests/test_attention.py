@@ -173,7 +173,7 @@ def test_sdpa_needs_no_lse_so_only_gated_may_use_it():
     ],
 )
 def test_sdpa_backend_matches_reference_for_gated(device, dtype):
-    """On CUDA in bf16 this is the cuDNN kernel that backend=auto picks for gated attention."""
+    """On CUDA in bf16 this is the cuDNN kernel."""
     layer = make_layer("gated").to(device, dtype)
     cos, sin = (t.to(device, dtype) for t in rotary_tables(T, D, 10000.0))
     x = torch.randn(B, T, C).to(device, dtype)
