@@ -11,8 +11,8 @@ Vanilla attention's output is the plain softmax output: its gate is read off, no
 backends give softmax(s)·V: "reference", an explicit T×T softmax with its LSE (CPU, tests); "flex",
 FlexAttention with the LSE returned by the kernel (CUDA; no T×T matrix, gradients flow through LSE); and
 "sdpa", PyTorch's fused attention (cuDNN first), which returns no LSE, so only the gated variant can use
-it. "auto" is flex on CUDA for all three: on an H100 (torch 2.11) flex with its LSE was as fast as cuDNN
-even for gated (bench/attention_kernels.py, docs/benchmarks.md); the reference elsewhere.
+it. "auto" is, on CUDA, flex for vanilla and sink and sdpa for gated (the faster of the two for gated in
+the measurements of docs/benchmarks.md); the reference elsewhere.
 """
 
 import math
@@ -38,7 +38,7 @@ class GPTConfig:
     n_head: int = 10
     seq_len: int = 2048
     attention: str = "vanilla"  # vanilla | sink | gated
-    backend: str = "auto"  # auto (flex on CUDA, reference elsewhere) | reference | flex | sdpa (gated only)
+    backend: str = "auto"  # auto (CUDA: flex, sdpa for gated; else reference) | reference | flex | sdpa (gated only)
     rope_base: float = 10000.0
     flex_kernel_options: dict | None = None  # FlexAttention tile sizes etc. (e.g. {"USE_TMA": true}); None = torch's
     activation_checkpointing: bool = False  # recompute each block in backward: less memory (2b on 80 GB)
@@ -185,7 +185,7 @@ class CausalSelfAttention(nn.Module):
     def attend(self, q, k, v):
         backend = self.cfg.backend
         if backend == "auto":
-            backend = "flex" if q.is_cuda else "reference"
+            backend = ("flex" if self.cfg.attention in LSE_GATES else "sdpa") if q.is_cuda else "reference"
         if q.size(-2) != k.size(-2):  # cached generation: a few queries over the cache, no T×T matrix to avoid
             backend = "reference"
         if backend == "flex":
