@@ -5,8 +5,9 @@
 
 Both variants build the run from the same composed train.py config on the same data, seed and steps;
 "off" drops every callback and the logger (and the progress bar). Validation and checkpointing are off in
-both: they are not logging. The timed window runs from the end of step --warmup to the end of training,
-bracketed by CUDA syncs on a GPU. The variants alternate --repeats times and the best run of each is
+both: they are not logging. The timed window runs from the end of step --warmup to the end of the last step,
+bracketed by CUDA syncs on a GPU: what observing costs per step, not the one-off work at the end (the last
+heatmap and CV curve, closing the W&B run). The variants alternate --repeats times and the best run of each is
 compared: other processes on a shared machine only ever slow a run down. On a crowded machine even the best
 wall time is noise, so the CPU time spent by this process and its children (the W&B service) over the same
 window is compared too: the work the observers add, which contention does not inflate as much.
@@ -37,10 +38,10 @@ def cpu_seconds() -> float:
 
 
 class Stopwatch(L.Callback):
-    """Wall and CPU time from the end of step `warmup` to the end of training."""
+    """Wall and CPU time from the end of step `warmup` to the end of step `last`."""
 
-    def __init__(self, warmup: int):
-        self.warmup, self.start, self.seconds, self.cpu = warmup, None, None, None
+    def __init__(self, warmup: int, last: int):
+        self.warmup, self.last, self.start, self.seconds, self.cpu = warmup, last, None, None, None
 
     def sync(self):
         if torch.cuda.is_available():
@@ -50,10 +51,9 @@ class Stopwatch(L.Callback):
         if trainer.global_step == self.warmup and self.start is None:
             self.sync()
             self.start, self.cpu = time.perf_counter(), cpu_seconds()
-
-    def on_train_end(self, trainer, *args):
-        self.sync()
-        self.seconds, self.cpu = time.perf_counter() - self.start, cpu_seconds() - self.cpu
+        if trainer.global_step == self.last and self.seconds is None:
+            self.sync()
+            self.seconds, self.cpu = time.perf_counter() - self.start, cpu_seconds() - self.cpu
 
 
 def measure(args, observed: bool, output_dir: str) -> tuple[float, float]:
@@ -75,7 +75,7 @@ def measure(args, observed: bool, output_dir: str) -> tuple[float, float]:
             cfg.trainer.enable_progress_bar = False
     L.seed_everything(cfg.seed)
     datamodule, module, trainer = build(cfg)
-    stopwatch = Stopwatch(args.warmup)
+    stopwatch = Stopwatch(args.warmup, args.warmup + args.steps)
     trainer.callbacks.append(stopwatch)
     trainer.fit(module, datamodule=datamodule)
     tokens = args.steps * cfg.data.batch_size * cfg.model.seq_len * trainer.world_size
