@@ -119,9 +119,6 @@ def sdpa_causal_attention(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True), None
 
 
-ATTENTION_KERNELS = {"reference": reference_attention, "sdpa": sdpa_causal_attention}
-
-
 # ----------------------------------------------------------------------------------------------------
 # The model.
 
@@ -190,7 +187,9 @@ class CausalSelfAttention(nn.Module):
             backend = "reference"
         if backend == "flex":
             return flex_causal_attention(q, k, v, self.cfg.flex_kernel_options)
-        return ATTENTION_KERNELS[backend](q, k, v)
+        if backend == "sdpa":
+            return sdpa_causal_attention(q, k, v)
+        return reference_attention(q, k, v)
 
     def gate(self, x, q, k, lse):
         """The gate (B, H, T) in fp32 (fp64 for fp64 inputs): from the LSE for vanilla and sink, from x for gated."""
