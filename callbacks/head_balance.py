@@ -9,15 +9,8 @@ The module leaves each training batch's importance (L, H) on the device (pl_modu
 summed there, and once per logging interval the interval's mean moves to the host in one transfer (not one
 .item() per scalar); the CV is computed from that mean, so it is the CV of the importance measured over all
 tokens of the interval, the same numbers the heatmap shows.
-
-Drawing a figure takes matplotlib about half a second, several training steps of a 0.6b model on an H100,
-so the figures are drawn and saved on a background thread (the GPU keeps its queue of work) and logged
-from the training thread once drawn; the end of training waits for all of them.
 """
 
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
-from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -57,14 +50,6 @@ def heatmap_figure(imp: np.ndarray, step: int, shared: np.ndarray | None):
     return importance_heatmap(imp, f"head importance at step {step}", shared)
 
 
-def draw_and_save(make_figure, path: Path) -> np.ndarray:
-    """Render make_figure() to pixels and save them as a PNG at path; runs on the drawing thread."""
-    image = figure_to_array(make_figure())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image).save(path)
-    return image
-
-
 class HeadBalanceMonitor(L.Callback):
     def __init__(self, heatmap_every_n_steps: int = 100, dirpath: str | None = None):
         """heatmap_every_n_steps: draw the heatmap at the first logging step at or after each multiple of it
@@ -79,8 +64,6 @@ class HeadBalanceMonitor(L.Callback):
         self.latest = None  # (step, (L, H) importance on the host) of the last logged interval
         self.last_heatmap_step = 0
         self.history_steps, self.history_cv = [], []  # for the CV curve
-        self.drawing = None  # one thread for all matplotlib work (pyplot is not thread-safe), made per fit
-        self.drawn: deque[tuple[str, int, Future]] = deque()  # (key, step, future image) not yet logged, in order
 
     def state_dict(self) -> dict:
         """Checkpointed, so the CV curve of a resumed run covers the whole training."""
@@ -93,13 +76,10 @@ class HeadBalanceMonitor(L.Callback):
         if self.dirpath is None:
             self.dirpath = str(Path(trainer.default_root_dir) / "heads")
         self.last_heatmap_step = trainer.global_step  # a resumed run draws its next heatmap at the next multiple
-        if trainer.is_global_zero:
-            self.drawing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="head-balance-figures")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if not trainer.is_global_zero:
             return
-        self.log_drawn(trainer)
         imp = pl_module.last_importance
         self.total = imp.clone() if self.total is None else self.total.add_(imp)
         self.batches += 1
@@ -113,15 +93,14 @@ class HeadBalanceMonitor(L.Callback):
             return
         if self.batches:
             self.log_interval(trainer, pl_module, trainer.global_step)
-        if self.latest is not None:
-            step, imp = self.latest
-            if self.last_heatmap_step != step:
-                self.draw_heatmap(step, imp)
-            if len(self.history_steps) > 1:
-                curve = partial(cv_curve, list(self.history_steps), list(self.history_cv))
-                self.draw("heads/cv_curve", step, curve, "cv_curve.png")
-        self.drawing.shutdown(wait=True)
-        self.log_drawn(trainer)
+        if self.latest is None:
+            return
+        step, imp = self.latest
+        if self.last_heatmap_step != step:
+            self.draw_heatmap(trainer, step, imp)
+        if len(self.history_steps) > 1:
+            image = figure_to_array(cv_curve(self.history_steps, self.history_cv))
+            self.publish(trainer, "heads/cv_curve", image, step, "cv_curve.png")
 
     def log_interval(self, trainer, pl_module, step: int) -> None:
         imp = (self.total / self.batches).double().cpu()  # the interval's one device-to-host transfer
@@ -136,20 +115,16 @@ class HeadBalanceMonitor(L.Callback):
         self.latest = (step, imp.numpy())
         every = self.heatmap_every_n_steps
         if every and step // every > self.last_heatmap_step // every:
-            self.draw_heatmap(step, imp.numpy())
+            self.draw_heatmap(trainer, step, imp.numpy())
 
-    def draw_heatmap(self, step: int, imp: np.ndarray) -> None:
+    def draw_heatmap(self, trainer, step: int, imp: np.ndarray) -> None:
         shared = self.shared.numpy() if self.shared.any() else None
-        figure = partial(heatmap_figure, imp, step, shared)
-        self.draw("heads/heatmap", step, figure, f"importance_step_{step:06d}.png")
+        image = figure_to_array(heatmap_figure(imp, step, shared))
+        self.publish(trainer, "heads/heatmap", image, step, f"importance_step_{step:06d}.png")
         self.last_heatmap_step = step
 
-    def draw(self, key: str, step: int, make_figure, filename: str) -> None:
-        """Draw make_figure() and save it as dirpath/filename on the drawing thread; logged once drawn."""
-        self.drawn.append((key, step, self.drawing.submit(draw_and_save, make_figure, Path(self.dirpath) / filename)))
-
-    def log_drawn(self, trainer) -> None:
-        """Log the figures the drawing thread has finished, oldest first (after shutdown: all of them)."""
-        while self.drawn and self.drawn[0][2].done():
-            key, step, image = self.drawn.popleft()
-            log_image(trainer, key, image.result(), step)
+    def publish(self, trainer, key: str, image: np.ndarray, step: int, filename: str) -> None:
+        """Log the image and save the same pixels as a PNG under dirpath."""
+        log_image(trainer, key, image, step)
+        Path(self.dirpath).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(Path(self.dirpath) / filename)
