@@ -89,7 +89,8 @@ def main(cfg: DictConfig) -> None:
     try:
         datamodule, module, trainer = build(cfg)
         log.info("model: %s, %.2fM parameters", module.model.cfg, module.model.num_params() / 1e6)
-        ckpt_path = resume_checkpoint([c.dirpath for c in trainer.checkpoint_callbacks])
+        # Lightning's own ModelCheckpoint (when ours are switched off) has no directory before fit: nothing to resume
+        ckpt_path = resume_checkpoint([c.dirpath for c in trainer.checkpoint_callbacks if c.dirpath])
         log.info("run directory %s: %s", cfg.paths.output_dir, f"resuming {ckpt_path}" if ckpt_path else "a new run")
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     except (ValueError, FileNotFoundError, CheckpointWriteError) as err:

@@ -60,3 +60,17 @@ def test_bad_value_names_the_key_without_a_traceback(start_train, tmp_path):
     assert code == 1
     assert "aux.scope='everywhere'" in output and "global" in output
     assert "Traceback" not in output
+
+
+def test_runs_with_our_checkpoint_callbacks_switched_off(start_train, tmp_path):
+    """Lightning then adds its own ModelCheckpoint, whose directory is unknown until fit: not a resume source."""
+    code, output = run_train(
+        start_train,
+        tmp_path,
+        "callbacks.checkpoint_last=null",
+        "callbacks.checkpoint_best=null",
+        "trainer.max_steps=4",
+        "trainer.limit_val_batches=0",
+    )
+    assert code == 0, output[-3000:]
+    assert "a new run" in output
