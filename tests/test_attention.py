@@ -61,6 +61,15 @@ def outputs_and_grads(fn, layer, x):
     return out.detach(), gate.detach(), x.grad, grads
 
 
+def assert_same_outputs_and_grads(ours, theirs, **tolerance):
+    """Two outputs_and_grads results agree: output, gate, input gradient and every parameter's gradient."""
+    for mine, other, what in zip(ours[:3], theirs[:3], ("output", "gate", "input gradient"), strict=True):
+        torch.testing.assert_close(mine, other, **tolerance, msg=what)
+    assert ours[3].keys() == theirs[3].keys()
+    for name in ours[3]:
+        torch.testing.assert_close(ours[3][name], theirs[3][name], **tolerance, msg=f"gradient of {name}")
+
+
 @pytest.mark.parametrize("attention", ["vanilla", "sink", "gated"])
 def test_reference_backend_matches_explicit_softmax(attention):
     layer = make_layer(attention).double()
@@ -68,12 +77,7 @@ def test_reference_backend_matches_explicit_softmax(attention):
     x = torch.randn(B, T, C, dtype=torch.float64)
     ours = outputs_and_grads(lambda x: layer(x, cos, sin), layer, x)
     theirs = outputs_and_grads(lambda x: explicit_attention(layer, x, cos, sin), layer, x)
-    torch.testing.assert_close(ours[0], theirs[0])
-    torch.testing.assert_close(ours[1], theirs[1])
-    torch.testing.assert_close(ours[2], theirs[2])
-    assert ours[3].keys() == theirs[3].keys()
-    for name in ours[3]:
-        torch.testing.assert_close(ours[3][name], theirs[3][name], msg=f"gradient of {name}")
+    assert_same_outputs_and_grads(ours, theirs)
     if attention != "vanilla":  # gradients reach the gate's own parameters
         gate_param = "sink_logit" if attention == "sink" else "gate_proj.weight"
         assert ours[3][gate_param].abs().sum() > 0
@@ -182,9 +186,5 @@ def test_sdpa_backend_matches_reference_for_gated(device, dtype):
         layer.cfg.backend = backend
         results.append(outputs_and_grads(lambda x: layer(x, cos, sin), layer, x))
     tol = {} if dtype == torch.float64 else {"atol": 3e-2, "rtol": 3e-2}  # bf16 matmuls on both sides
-    (o1, g1, x1, p1), (o2, g2, x2, p2) = results
-    torch.testing.assert_close(o2, o1, **tol)
-    torch.testing.assert_close(g2, g1, **tol)
-    torch.testing.assert_close(x2, x1, **tol)
-    for name in p1:
-        torch.testing.assert_close(p2[name], p1[name], **tol, msg=f"gradient of {name}")
+    reference, sdpa = results
+    assert_same_outputs_and_grads(sdpa, reference, **tol)
