@@ -77,7 +77,7 @@ def run_lightning(args, module, batches) -> float:
     trainer = L.Trainer(
         accelerator="gpu",
         devices=args.devices,
-        strategy=ddp_strategy(args) if args.devices > 1 else "auto",
+        strategy=ddp_strategy(args) if args.devices > 1 or args.strategy == "ddp" else "auto",
         accumulate_grad_batches=args.accumulate,
         precision="bf16-mixed",
         max_steps=args.warmup + args.steps,
@@ -149,6 +149,15 @@ def main():
     parser.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimizer step (lightning)")
     parser.add_argument("--bucket-cap-mb", type=int, default=25, help="DDP gradient bucket size")
     parser.add_argument("--ddp-comm-hook", default="none", choices=["none", "bf16"], help="bf16: half the bytes")
+    parser.add_argument(
+        "--strategy", default="auto", choices=["auto", "ddp"], help="ddp with --devices 1: DDP's cost without a peer"
+    )
+    parser.add_argument(
+        "--optimize-ddp",
+        default="ddp_optimizer",
+        choices=["ddp_optimizer", "no_optimization"],
+        help="torch._dynamo.config.optimize_ddp: split the compiled graph at DDP buckets (overlap) or not",
+    )
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--activation-checkpointing", action="store_true")
@@ -157,15 +166,20 @@ def main():
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/throughput.py needs a CUDA GPU")
-    if (args.devices > 1 or args.accumulate > 1) and args.loops != ["lightning"]:
-        sys.exit("--devices > 1 and --accumulate > 1 need --loops lightning (the plain loop is one GPU, one batch)")
+    if (args.devices > 1 or args.accumulate > 1 or args.strategy == "ddp") and args.loops != ["lightning"]:
+        sys.exit("--devices > 1, --accumulate > 1 and --strategy ddp need --loops lightning (the plain loop is 1 GPU)")
     torch.backends.cuda.matmul.allow_tf32 = True
+    torch._dynamo.config.optimize_ddp = args.optimize_ddp
     if os.environ.get("LOCAL_RANK", "0") == "0":  # DDP re-runs this script once per extra GPU
         print(
             f"# {torch.cuda.get_device_name()} x{args.devices}, torch {torch.__version__}, lightning {L.__version__}, "
             f"batch {args.batch_size}/GPU x{args.accumulate} accumulated, vocab {args.vocab}, backend {args.backend}, "
             f"{args.steps} timed steps after {args.warmup}"
-            + (f", DDP buckets {args.bucket_cap_mb} MB, comm hook {args.ddp_comm_hook}" if args.devices > 1 else "")
+            + (
+                f", DDP buckets {args.bucket_cap_mb} MB, comm hook {args.ddp_comm_hook}, dynamo {args.optimize_ddp}"
+                if args.devices > 1 or args.strategy == "ddp"
+                else ""
+            )
         )
         print("| model | attention | aux λ | loop | tokens/s | MFU | peak mem GiB |")
         print("|---|---|---|---|---|---|---|")
