@@ -62,14 +62,21 @@ class Stopwatch(L.Callback):
         self.seconds = time.perf_counter() - self.start
 
 
+def use_ddp(args) -> bool:
+    return args.devices > 1 or args.strategy == "ddp"
+
+
 def ddp_strategy(args) -> DDPStrategy:
     """The strategy of conf/trainer/ddp.yaml, with the gradient all-reduce options under test."""
-    hook = None
+    options = yaml.safe_load((CONF / "trainer" / "ddp.yaml").read_text())["strategy"]
+    del options["_target_"]
+    if args.bucket_cap_mb:
+        options["bucket_cap_mb"] = args.bucket_cap_mb
     if args.ddp_comm_hook == "bf16":
-        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook as hook
-    return DDPStrategy(
-        gradient_as_bucket_view=True, static_graph=True, bucket_cap_mb=args.bucket_cap_mb, ddp_comm_hook=hook
-    )
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook
+
+        options["ddp_comm_hook"] = bf16_compress_hook
+    return DDPStrategy(**options)
 
 
 def run_lightning(args, module, batches) -> float:
@@ -77,7 +84,7 @@ def run_lightning(args, module, batches) -> float:
     trainer = L.Trainer(
         accelerator="gpu",
         devices=args.devices,
-        strategy=ddp_strategy(args) if args.devices > 1 or args.strategy == "ddp" else "auto",
+        strategy=ddp_strategy(args) if use_ddp(args) else "auto",
         accumulate_grad_batches=args.accumulate,
         precision="bf16-mixed",
         max_steps=args.warmup + args.steps,
@@ -147,7 +154,7 @@ def main():
     parser.add_argument("--vocab", type=int, default=65536)
     parser.add_argument("--backend", default="auto", help="attention.backend: auto | flex | sdpa (gated only)")
     parser.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimizer step (lightning)")
-    parser.add_argument("--bucket-cap-mb", type=int, default=25, help="DDP gradient bucket size")
+    parser.add_argument("--bucket-cap-mb", type=int, help="DDP gradient bucket size (default: conf/trainer/ddp.yaml)")
     parser.add_argument("--ddp-comm-hook", default="none", choices=["none", "bf16"], help="bf16: half the bytes")
     parser.add_argument(
         "--strategy", default="auto", choices=["auto", "ddp"], help="ddp with --devices 1: DDP's cost without a peer"
@@ -166,20 +173,19 @@ def main():
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/throughput.py needs a CUDA GPU")
-    if (args.devices > 1 or args.accumulate > 1 or args.strategy == "ddp") and args.loops != ["lightning"]:
+    if (use_ddp(args) or args.accumulate > 1) and args.loops != ["lightning"]:
         sys.exit("--devices > 1, --accumulate > 1 and --strategy ddp need --loops lightning (the plain loop is 1 GPU)")
     torch.backends.cuda.matmul.allow_tf32 = True
     torch._dynamo.config.optimize_ddp = args.optimize_ddp
     if os.environ.get("LOCAL_RANK", "0") == "0":  # DDP re-runs this script once per extra GPU
+        ddp_note = ""
+        if use_ddp(args):
+            buckets = ddp_strategy(args)._ddp_kwargs["bucket_cap_mb"]
+            ddp_note = f", DDP {buckets} MB buckets, hook {args.ddp_comm_hook}, {args.optimize_ddp}"
         print(
             f"# {torch.cuda.get_device_name()} x{args.devices}, torch {torch.__version__}, lightning {L.__version__}, "
             f"batch {args.batch_size}/GPU x{args.accumulate} accumulated, vocab {args.vocab}, backend {args.backend}, "
-            f"{args.steps} timed steps after {args.warmup}"
-            + (
-                f", DDP buckets {args.bucket_cap_mb} MB, comm hook {args.ddp_comm_hook}, dynamo {args.optimize_ddp}"
-                if args.devices > 1 or args.strategy == "ddp"
-                else ""
-            )
+            f"{args.steps} timed steps after {args.warmup}{ddp_note}"
         )
         print("| model | attention | aux λ | loop | tokens/s | MFU | peak mem GiB |")
         print("|---|---|---|---|---|---|---|")

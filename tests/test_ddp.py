@@ -1,12 +1,18 @@
 """Two gloo processes on the CPU equal one process on the same global batch (aux.scope=global)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 from torch.nn.parallel import DistributedDataParallel
 
 from model.lit import SinkAwareLM
+
+CONF = Path(__file__).parents[1] / "conf"
 
 MODEL = dict(vocab_size=64, n_layer=2, n_embd=64, n_head=4, seq_len=16, attention="gated")
 OPTIM = dict(lr=1e-3, betas=[0.9, 0.95], eps=1e-8, weight_decay=0.0, warmup_steps=0, decay="none", min_lr_ratio=1.0)
@@ -36,18 +42,25 @@ def loss_gates_aux_grads(module, batch) -> dict:
     return {"lm": nll.mean().detach(), "gates": gates.detach(), "aux": aux.detach(), "grads": grads}
 
 
-def worker(rank: int, init_file: str, out: dict):
+def shipped_ddp_options() -> dict:
+    """DistributedDataParallel's options as conf/trainer/ddp.yaml sets them: the test runs the DDP training does."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        strategy = compose("train", overrides=["trainer=ddp"]).trainer.strategy
+    return instantiate(strategy)._ddp_kwargs
+
+
+def worker(rank: int, init_file: str, ddp_options: dict, out: dict):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     for scope in ("global", "local"):
-        result = ddp_step(rank, scope)
+        result = ddp_step(rank, scope, ddp_options)
         if rank == 0:
             out[scope] = result
     dist.destroy_process_group()
 
 
-def ddp_step(rank: int, scope: str) -> dict:
+def ddp_step(rank: int, scope: str, ddp_options: dict) -> dict:
     module = make_module(scope)
-    module.model = DistributedDataParallel(module.model)  # averages gradients over the two ranks
+    module.model = DistributedDataParallel(module.model, **ddp_options)  # averages gradients over the two ranks
     half = {k: v[2 * rank : 2 * rank + 2] for k, v in global_batch().items()}
     result = loss_gates_aux_grads(module, half)
     dist.all_reduce(result["lm"])
@@ -62,7 +75,9 @@ def ddp_step(rank: int, scope: str) -> dict:
 def two_ranks(tmp_path_factory) -> dict:
     """Rank 0's results of one step on 2 gloo processes, for each aux scope (one spawn: imports are slow)."""
     out = mp.Manager().dict()
-    mp.spawn(worker, args=(str(tmp_path_factory.mktemp("ddp") / "init"), out), nprocs=2, join=True)
+    options = shipped_ddp_options()
+    assert "bucket_cap_mb" in options and options["static_graph"]  # the yaml reached DDP
+    mp.spawn(worker, args=(str(tmp_path_factory.mktemp("ddp") / "init"), options, out), nprocs=2, join=True)
     return dict(out)
 
 
