@@ -66,17 +66,21 @@ def use_ddp(args) -> bool:
     return args.devices > 1 or args.strategy == "ddp"
 
 
-def ddp_strategy(args) -> DDPStrategy:
-    """The strategy of conf/trainer/ddp.yaml, with the gradient all-reduce options under test."""
+def ddp_options(args) -> dict:
+    """DDPStrategy's options from conf/trainer/ddp.yaml, with --bucket-cap-mb applied."""
     options = yaml.safe_load((CONF / "trainer" / "ddp.yaml").read_text())["strategy"]
     del options["_target_"]
     if args.bucket_cap_mb:
         options["bucket_cap_mb"] = args.bucket_cap_mb
-    if args.ddp_comm_hook == "bf16":
-        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook
+    return options
 
-        options["ddp_comm_hook"] = bf16_compress_hook
-    return DDPStrategy(**options)
+
+def ddp_strategy(args) -> DDPStrategy:
+    """The strategy of conf/trainer/ddp.yaml, with the gradient all-reduce options under test."""
+    hook = None
+    if args.ddp_comm_hook == "bf16":
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook as hook
+    return DDPStrategy(**ddp_options(args), ddp_comm_hook=hook)
 
 
 def run_lightning(args, module, batches) -> float:
@@ -180,7 +184,7 @@ def main():
     if os.environ.get("LOCAL_RANK", "0") == "0":  # DDP re-runs this script once per extra GPU
         ddp_note = ""
         if use_ddp(args):
-            buckets = ddp_strategy(args)._ddp_kwargs["bucket_cap_mb"]
+            buckets = ddp_options(args)["bucket_cap_mb"]
             ddp_note = f", DDP {buckets} MB buckets, hook {args.ddp_comm_hook}, {args.optimize_ddp}"
         print(
             f"# {torch.cuda.get_device_name()} x{args.devices}, torch {torch.__version__}, lightning {L.__version__}, "
