@@ -25,7 +25,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from callbacks.checkpoint import AtomicCheckpointIO, CheckpointWriteError, resume_checkpoint
+from callbacks.checkpoint import BackgroundCheckpointIO, CheckpointWriteError, resume_checkpoint
 from model.lit import SinkAwareLM
 
 log = logging.getLogger("train")
@@ -50,7 +50,7 @@ def build(cfg: DictConfig):
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     logger = instantiate(cfg.logger, **wandb_identity(cfg)) if cfg.logger else False
     # Our checkpoint callback requeues SLURM jobs at the end of a step; Lightning's handler would save mid-step.
-    plugins = [AtomicCheckpointIO()] + ([SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else [])
+    plugins = [BackgroundCheckpointIO()] + ([SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else [])
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, plugins=plugins)
     return datamodule, module, trainer
 

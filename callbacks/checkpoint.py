@@ -4,9 +4,11 @@
   crash or a full disk mid-write never leaves a truncated checkpoint. Lightning's own local save goes through an
   fsspec "transaction" that writes to the system temp dir and then moves the file: on a cluster that is another
   filesystem (node-local /tmp), where the move is a plain copy that a kill can cut short.
-- LastCheckpoint writes last.ckpt every N optimizer steps, when training ends, on SIGTERM and on the requeue
-  signal, then requeues the SLURM job. Lightning's own SLURM handler saves from inside the signal handler, in the
-  middle of a step (weights, optimizer and data position out of step with each other); this one waits for the
+- BackgroundCheckpointIO does the same write in a background thread: training waits only for a copy of the state in
+  host memory.
+- LastCheckpoint writes last.ckpt every N minutes (or N optimizer steps), when training ends, on SIGTERM and on the
+  requeue signal, then requeues the SLURM job. Lightning's own SLURM handler saves from inside the signal handler, in
+  the middle of a step (weights, optimizer and data position out of step with each other); this one waits for the
   end of the step, so the checkpoint is as exact as a scheduled one.
 - RandomState saves every rank's random generators and restores them where the uninterrupted run had them.
 - resume_checkpoint picks the newest readable checkpoint of the run; an unreadable one is skipped, saying so.
@@ -17,7 +19,10 @@ import os
 import random
 import signal
 import subprocess
+import time
 import zipfile
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
@@ -29,6 +34,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning_utilities.core.apply_func import apply_to_collection
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +57,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 torch.save(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())
-        except OSError as err:
+        except BaseException as err:
             partial.unlink(missing_ok=True)
-            raise CheckpointWriteError(
-                f"could not write checkpoint {path} ({err}); the previous one is untouched"
-            ) from None
+            if isinstance(err, OSError):
+                raise CheckpointWriteError(
+                    f"could not write checkpoint {path} ({err}); the previous one is untouched"
+                ) from None
+            raise
         os.replace(partial, path)
         directory = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
         try:
@@ -64,17 +72,116 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.close(directory)
 
 
-class LastCheckpoint(ModelCheckpoint):
-    """last.ckpt every `every_n_train_steps` optimizer steps, at the end of training, on SIGTERM (Lightning stops at
-    the end of the step) and on a requeue signal. After a requeue signal it requeues the job, then stops: through
-    the launcher's own handler when there is one (submitit's, which requeues the same Hydra job), else with
-    `scontrol requeue` when in a SLURM job. Other exceptions save nothing: the state may be mid-step or NaN, and
-    the last good checkpoint must not be overwritten by it."""
+class BackgroundCheckpointIO(AtomicCheckpointIO):
+    """AtomicCheckpointIO's write in a background thread: training waits only for a copy of the checkpoint in host
+    memory (`host_copy`), then goes on while the copy is written, fsynced and renamed. One write in flight at most:
+    a save first waits for the previous one. Removals of old checkpoints (ModelCheckpoint's top-k) run in the same
+    queue, after the write that replaces them, and are skipped if a write failed: a failed write never leaves the run
+    without its last good checkpoint. A failed write is logged when it fails and raised as CheckpointWriteError at the
+    next save, or at teardown (the end of fit, whatever ended it), so the run exits non-zero.
 
-    def __init__(self, dirpath: str, every_n_train_steps: int, requeue_signals: list[str]):
+    Lightning's AsyncCheckpointIO is not used: it clones the tensors on the GPU (a second copy of the weights and
+    optimizer state in GPU memory), lets writes pile up, and removes old files before the new one is written."""
+
+    def __init__(self):
+        super().__init__()
+        self.executor = None  # created at the first save: teardown shuts it down, and fit can be called again
+        self.pending: list[Future] = []  # the write in flight and the removals queued behind it
+        self.error = None  # a failed write, raised in the training thread by wait()
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        start = time.perf_counter()
+        self.wait()
+        waited = time.perf_counter() - start
+        snapshot = host_copy(checkpoint)
+        held = time.perf_counter() - start
+        self.submit(self.write, snapshot, path, storage_options, held, waited)
+
+    def write(self, snapshot: dict, path, storage_options, held: float, waited: float) -> None:
+        start = time.perf_counter()
+        try:
+            super().save_checkpoint(snapshot, path, storage_options)
+        except Exception as err:  # AtomicCheckpointIO has removed the partial file
+            expected = isinstance(err, CheckpointWriteError)  # a full disk, a quota: no traceback needed
+            self.error = err if expected else CheckpointWriteError(f"could not write checkpoint {path} ({err!r})")
+            log.error("%s", self.error, exc_info=None if expected else err)
+            return
+        written = time.perf_counter() - start
+        message = "checkpoint %s: training held %.2f s (%.2f s waiting for the previous write), written in %.2f s"
+        log.info(message, path, held, waited, written)
+
+    def remove_checkpoint(self, path) -> None:
+        self.submit(self.remove_unless_a_write_failed, path)
+
+    def remove_unless_a_write_failed(self, path) -> None:
+        if self.error is None:  # else the file may be the last good checkpoint
+            super().remove_checkpoint(path)
+
+    def submit(self, fn, *args) -> None:
+        if self.executor is None:
+            self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        self.pending.append(self.executor.submit(fn, *args))
+
+    def wait(self) -> None:
+        """Until every queued write and removal is done; raises CheckpointWriteError if a write failed."""
+        for future in self.pending:
+            future.result()
+        self.pending = []
+        error, self.error = self.error, None  # raised once: teardown after this error must not raise it again
+        if error is not None:
+            raise error
+
+    def teardown(self) -> None:
+        try:
+            self.wait()
+        finally:
+            if self.executor is not None:
+                self.executor.shutdown()
+                self.executor = None
+
+
+def host_copy(checkpoint: dict) -> dict:
+    """The checkpoint with every tensor copied to host memory and every container rebuilt: training goes on changing
+    the weights, the optimizer state and Lightning's own dicts (ModelCheckpoint's best_k_models) while the copy is
+    written. CUDA tensors go to pinned memory, which the copy engine fills at tens of GB/s (a pageable copy runs at a
+    few); torch caches pinned blocks, so the next save reuses them once the previous copy has been written and freed."""
+    on_cuda = False
+
+    def copy(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal on_cuda
+        if tensor.is_cuda:
+            on_cuda = True
+            pinned = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            return pinned.copy_(tensor.detach(), non_blocking=True)
+        return tensor.detach().to("cpu", copy=True)
+
+    snapshot = apply_to_collection(checkpoint, torch.Tensor, copy)
+    if on_cuda:
+        torch.cuda.synchronize()  # the copies are complete before the writer reads them
+    return snapshot
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """last.ckpt every `every_n_train_steps` optimizer steps if set, else every `every_n_minutes` of training, at the
+    end of training, on SIGTERM (Lightning stops at the end of the step) and on a requeue signal. After a requeue
+    signal it waits for the write, requeues the job, then stops: through the launcher's own handler when there is one
+    (submitit's, which requeues the same Hydra job), else with `scontrol requeue` when in a SLURM job. Other
+    exceptions save nothing: the state may be mid-step or NaN, and the last good checkpoint must not be overwritten
+    by it."""
+
+    def __init__(
+        self,
+        dirpath: str,
+        every_n_train_steps: int | None = None,
+        requeue_signals: list[str] = (),
+        every_n_minutes: float | None = None,
+    ):
+        # Lightning takes one cadence: the step count, when given, replaces the default time interval
+        minutes = None if every_n_train_steps or every_n_minutes is None else timedelta(minutes=every_n_minutes)
         super().__init__(
             dirpath=dirpath,
             every_n_train_steps=every_n_train_steps,
+            train_time_interval=minutes,
             save_top_k=0,
             save_last=True,
             enable_version_counter=False,  # always last.ckpt: a resumed run overwrites the one it came from
@@ -87,6 +194,7 @@ class LastCheckpoint(ModelCheckpoint):
         self.previous_handlers = {}
 
     def on_train_start(self, trainer, pl_module):
+        super().on_train_start(trainer, pl_module)  # starts the clock of every_n_minutes
         # Here, after Lightning has set its own handlers; the previous handler is the launcher's, if any.
         self.previous_handlers = {s: signal.signal(s, self.on_requeue_signal) for s in self.requeue_signals}
 
@@ -104,6 +212,8 @@ class LastCheckpoint(ModelCheckpoint):
         if not signum:
             return
         self.write_last(trainer)
+        if isinstance(trainer.strategy.checkpoint_io, BackgroundCheckpointIO):
+            trainer.strategy.checkpoint_io.wait()  # on disk before the job is requeued (submitit's handler exits)
         rank_zero_info(f"{signal.Signals(signum).name}: saved {self.last_model_path} at step {trainer.global_step}")
         trainer.should_stop = True
         self.requeue(trainer, signum)

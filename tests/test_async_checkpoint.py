@@ -1,0 +1,178 @@
+"""Checkpoints written in the background (BackgroundCheckpointIO): training goes on while a checkpoint is written, each
+file holds the state of its own step, one write is in flight at most, a failed write is reported and leaves the last
+good checkpoint, the requeue waits for the write, and LastCheckpoint's time cadence triggers."""
+
+import errno
+import os
+import signal
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from callbacks.checkpoint import BackgroundCheckpointIO, CheckpointWriteError, LastCheckpoint, resume_checkpoint
+
+ROOT = Path(__file__).parents[1]
+real_save = torch.save
+
+
+class Counting(L.LightningModule):
+    """One weight that SGD raises by exactly 1 per optimizer step: a checkpoint's weight is the step it was taken at."""
+
+    def __init__(self, step_s: float = 0.0, signal_at: int | None = None):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.step_s, self.signal_at = step_s, signal_at
+        self.started = {}  # global step -> time.monotonic() when the step from it began
+
+    def training_step(self, batch, batch_idx):
+        self.started[self.trainer.global_step] = time.monotonic()
+        if self.trainer.global_step == self.signal_at:
+            os.kill(os.getpid(), signal.SIGUSR2)  # as submitit before the time limit
+        time.sleep(self.step_s)
+        return -self.weight.sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1.0)
+
+
+def fit(root: Path, steps: int, module=None, requeue_signals=(), **cadence) -> Counting:
+    module = module or Counting()
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[LastCheckpoint(str(root), requeue_signals=list(requeue_signals), **cadence)],
+        plugins=[BackgroundCheckpointIO()],
+    )
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(range(1000)))
+    return module
+
+
+def saved(path: Path) -> tuple[int, float]:
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    return checkpoint["global_step"], checkpoint["state_dict"]["weight"].item()
+
+
+def disk_full_from(step: int):
+    """torch.save that writes part of the file and fails, as on a full disk, for the checkpoints from `step` on."""
+
+    def save(checkpoint, f):
+        if checkpoint["global_step"] >= step:
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(checkpoint, f)
+
+    return save
+
+
+def test_training_goes_on_during_a_write_and_the_next_save_waits_for_it(tmp_path, monkeypatch):
+    writes = {}  # step -> (weight written, time the write ended)
+
+    def slow_save(checkpoint, f):
+        time.sleep(0.5)  # by now the training thread has changed the weights: a copy by reference would show it
+        real_save(checkpoint, f)
+        writes[checkpoint["global_step"]] = (checkpoint["state_dict"]["weight"].item(), time.monotonic())
+
+    monkeypatch.setattr(torch, "save", slow_save)
+    started = fit(tmp_path, 6, every_n_train_steps=2).started
+    assert {step: weight for step, (weight, _) in writes.items()} == {2: 2.0, 4: 4.0, 6: 6.0}  # each its own step
+    assert started[2] < writes[2][1], "training waited for the write of step 2"
+    assert started[4] > writes[2][1], "the save at step 4 did not wait for the write of step 2"
+    assert saved(tmp_path / "last.ckpt") == (6, 6.0)  # the last write is complete when fit returns
+
+
+@pytest.mark.parametrize("failing_from", [4, 8], ids=["raised-at-the-next-save", "raised-at-the-end-of-fit"])
+def test_a_failed_background_write_is_reported_and_the_previous_checkpoint_stays(
+    tmp_path, monkeypatch, caplog, failing_from
+):
+    monkeypatch.setattr(torch, "save", disk_full_from(failing_from))
+    with pytest.raises(CheckpointWriteError, match=r"last.ckpt \(\[Errno 28\] No space left on device\)"):
+        fit(tmp_path, 8, every_n_train_steps=2)
+    assert f"could not write checkpoint {tmp_path / 'last.ckpt'}" in caplog.text  # logged when it failed
+    assert [path.name for path in tmp_path.iterdir()] == ["last.ckpt"]  # no .tmp left behind
+    assert saved(tmp_path / "last.ckpt") == (failing_from - 2, failing_from - 2)
+    assert resume_checkpoint([str(tmp_path)]) == str(tmp_path / "last.ckpt")
+
+
+def test_an_old_checkpoint_is_removed_after_its_replacement_is_written_and_kept_if_that_fails(tmp_path, monkeypatch):
+    """What ModelCheckpoint's top-k does: save the new best, then remove the one it displaces."""
+    io, first, second, third = BackgroundCheckpointIO(), *(tmp_path / f"best-step={s}.ckpt" for s in (2, 4, 6))
+    io.save_checkpoint({"global_step": 2}, first)
+    io.save_checkpoint({"global_step": 4}, second)
+    io.remove_checkpoint(first)
+    io.wait()
+    assert sorted(tmp_path.iterdir()) == [second]
+    monkeypatch.setattr(torch, "save", disk_full_from(6))
+    io.save_checkpoint({"global_step": 6}, third)
+    io.remove_checkpoint(second)  # queued behind the write, skipped as it failed
+    with pytest.raises(CheckpointWriteError, match="best-step=6.ckpt"):
+        io.teardown()
+    assert sorted(tmp_path.iterdir()) == [second]
+    io.teardown()  # raised once: Lightning's teardown after the error does not raise it again
+
+
+def test_the_requeue_waits_for_the_checkpoint_to_be_written(tmp_path, monkeypatch):
+    def slow_save(checkpoint, f):
+        time.sleep(0.5)
+        real_save(checkpoint, f)
+
+    found = []
+
+    def launcher_handler(signum, frame):  # submitit's: resubmits the job and exits
+        found.append(saved(tmp_path / "last.ckpt"))
+
+    monkeypatch.setattr(torch, "save", slow_save)
+    previous = signal.signal(signal.SIGUSR2, launcher_handler)
+    try:
+        fit(tmp_path, 20, Counting(signal_at=2), requeue_signals=["SIGUSR2"], every_n_train_steps=100)
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert found == [(3, 3.0)]  # the step in progress finished, was written, then the handler ran
+
+
+def steps_saved(tmp_path, monkeypatch, steps: int, module=None, **cadence) -> list[int]:
+    saves = []
+
+    def save(checkpoint, f):
+        saves.append(checkpoint["global_step"])
+        real_save(checkpoint, f)
+
+    monkeypatch.setattr(torch, "save", save)
+    fit(tmp_path, steps, module, **cadence)
+    return saves
+
+
+def test_the_time_cadence_triggers(tmp_path, monkeypatch):
+    saves = steps_saved(tmp_path, monkeypatch, 10, Counting(step_s=0.1), every_n_minutes=0.25 / 60)
+    assert len(saves) >= 2 and saves[-1] == 10, saves  # every ~2.5 steps of 0.1 s, and at the end
+    assert saves == sorted(set(saves))
+
+
+@pytest.mark.parametrize(
+    "cadence, expected",
+    [
+        ({"every_n_minutes": 10}, [6]),  # only at the end of this short run
+        ({"every_n_minutes": 10, "every_n_train_steps": 2}, [2, 4, 6]),  # the step count, when set, replaces the time
+    ],
+)
+def test_the_step_count_replaces_the_time_cadence(tmp_path, monkeypatch, cadence, expected):
+    assert steps_saved(tmp_path, monkeypatch, 6, **cadence) == expected
+
+
+def test_the_shipped_config_checkpoints_by_time_and_takes_a_step_override(tmp_path):
+    def last_checkpoint(*overrides: str) -> LastCheckpoint:
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            cfg = compose("train", overrides=[f"paths.output_dir={tmp_path}", *overrides])
+        return instantiate(cfg.callbacks.checkpoint_last)
+
+    default = last_checkpoint()
+    assert default._train_time_interval.total_seconds() == 600 and default._every_n_train_steps == 0
+    overridden = last_checkpoint("callbacks.checkpoint_last.every_n_train_steps=500")
+    assert overridden._train_time_interval is None and overridden._every_n_train_steps == 500
