@@ -6,14 +6,13 @@ import csv
 import shutil
 from pathlib import Path
 
+import lightning.pytorch.strategies.model_parallel as model_parallel
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.plugins.environments import LightningEnvironment
-
-import lightning.pytorch.strategies.model_parallel as model_parallel
 
 CONF = Path(__file__).parents[1] / "conf"
 
