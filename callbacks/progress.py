@@ -1,4 +1,10 @@
-"""A progress bar with a few short keys: the logged names (train/loss, perf/tokens_per_s) are long."""
+"""Progress: a bar with a few short keys in a terminal (the logged names, train/loss or perf/tokens_per_s, are
+long), one plain line per logging interval when the output goes to a file (a SLURM log, CI), where a bar redrawn
+with carriage returns at every step would fill the log with unreadable text."""
+
+import sys
+import time
+from datetime import timedelta
 
 from lightning.pytorch.callbacks import TQDMProgressBar
 
@@ -6,16 +12,22 @@ SHOWN = {"train/loss": "loss", "train/bpb": "bpb", "val/bpb": "val_bpb", "perf/t
 
 
 class ProgressBar(TQDMProgressBar):
-    def __init__(self, refresh_rate: int = 1, shown: dict[str, str] | None = None):
-        """shown: logged metric name -> label on the bar, in display order; only metrics logged with
-        prog_bar=True are available.
+    def __init__(self, refresh_rate: int = 1, shown: dict[str, str] | None = None, plain: bool | None = None):
+        """shown: logged metric name -> label, in display order; only metrics logged with prog_bar=True are available.
+        plain: one line per logging interval instead of the bar; None: when stdout is not a terminal.
 
         The bar moves every refresh_rate steps, but while training its numbers are read from the device only
         at logging steps (trainer.log_every_n_steps): each read waits for the GPU to finish its queued work,
         which at every step would leave it idle while the next step is launched."""
         super().__init__(refresh_rate=refresh_rate)
         self.shown = dict(SHOWN if shown is None else shown)
+        self.plain = not sys.stdout.isatty() if plain is None else plain
         self.values = None  # the last numbers read, shown until the next logging step
+        self.start = None  # (time, step) at the end of the first step of this process: the ETA's rate from there
+
+    @property
+    def is_enabled(self) -> bool:  # the tqdm bars: off in plain mode
+        return super().is_enabled and not self.plain
 
     def get_metrics(self, trainer, pl_module):
         if trainer.training and self.values is not None and trainer.global_step % trainer.log_every_n_steps:
@@ -23,6 +35,48 @@ class ProgressBar(TQDMProgressBar):
         metrics = super().get_metrics(trainer, pl_module)
         self.values = {label: short_number(metrics[name]) for name, label in self.shown.items() if name in metrics}
         return self.values
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if not (self.plain and self._enabled):  # _enabled: False on ranks other than 0
+            return
+        step, now = trainer.global_step, time.monotonic()
+        if self.start is None:
+            self.start = (now, step)
+        if step % trainer.log_every_n_steps == 0 or step == trainer.max_steps:
+            self.values = None  # read now, also at a last step between two logging steps
+            shown = [f"{label} {value}" for label, value in self.get_metrics(trainer, pl_module).items()]
+            print(" | ".join([self.step_text(trainer), *shown, *self.eta(step, now, trainer.max_steps)]), flush=True)
+
+    def on_validation_end(self, trainer, pl_module):
+        super().on_validation_end(trainer, pl_module)
+        if self.plain and self._enabled and not trainer.sanity_checking and trainer.state.fn == "fit":
+            metrics = trainer.progress_bar_metrics
+            shown = [
+                f"{label} {short_number(metrics[name])}"
+                for name, label in self.shown.items()
+                if name.startswith("val/") and name in metrics
+            ]
+            print(" | ".join([self.step_text(trainer), "validation", *shown]), flush=True)
+
+    @staticmethod
+    def step_text(trainer) -> str:
+        step, total = trainer.global_step, trainer.max_steps
+        return f"step {step}/{total}" if total > 0 else f"step {step}"
+
+    def eta(self, step: int, now: float, max_steps: int) -> list[str]:
+        """The time left at the rate measured since the first step (validations and checkpoints included)."""
+        start_time, start_step = self.start
+        if max_steps <= 0 or step <= start_step:
+            return []
+        seconds = (max_steps - step) * (now - start_time) / (step - start_step)
+        return [f"ETA {timedelta(seconds=round(seconds))}"]
+
+    def print(self, *args, sep: str = " ", **kwargs) -> None:
+        if self.plain:  # no bar to write above
+            print(*args, sep=sep, **kwargs)
+        else:
+            super().print(*args, sep=sep, **kwargs)
 
 
 def short_number(value) -> str:

@@ -5,6 +5,7 @@ collapsed head is; the configs instantiate."""
 import csv
 import json
 import math
+import re
 import struct
 from pathlib import Path
 
@@ -293,3 +294,29 @@ def test_cv_curve_history_survives_a_resume(tmp_path):
     last = str(tmp_path / "ckpt" / "last.ckpt")
     fit(tiny_module("vanilla"), tmp_path, False, [resumed], steps=6, validate=False, ckpt_path=last)
     assert resumed.history_steps == [2, 4, 6]
+
+
+def test_without_a_terminal_progress_is_one_plain_line_per_logging_interval(start_train, tmp_path):
+    run = start_train(
+        "logger=csv",
+        "trainer.max_steps=20",
+        "trainer.log_every_n_steps=5",
+        "trainer.val_check_interval=10",
+        f"hydra.run.dir={tmp_path}",
+    )
+    assert run.wait(timeout=300) == 0, run.read_output()[-3000:]
+    output = run.read_output()  # train.py wrote to a file, as under SLURM
+    assert "\r" not in output
+    number = r"\d+\.\d{3}"
+    line = rf"step (\d+)/20 \| loss {number} \| bpb {number}( \| val_bpb {number})? \| tok/s \d+ \| ETA \d+:\d\d:\d\d"
+    lines = re.findall(rf"^{line}$", output, flags=re.M)
+    assert [(int(step), bool(val)) for step, val in lines] == [(5, False), (10, False), (15, True), (20, True)]
+    validations = re.findall(rf"^step (\d+)/20 \| validation \| val_bpb {number}$", output, flags=re.M)
+    assert validations == ["10", "20"]
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_the_bar_is_drawn_in_a_terminal_only(monkeypatch, terminal):
+    monkeypatch.setattr("sys.stdout.isatty", lambda: terminal)
+    assert ProgressBar().is_enabled == terminal
+    assert ProgressBar(plain=False).is_enabled and not ProgressBar(plain=True).is_enabled
