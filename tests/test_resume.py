@@ -83,6 +83,44 @@ def test_killed_run_resumes_with_the_uninterrupted_losses(start_train, tmp_path,
     assert sorted(after) == list(range(stopped_at, STEPS)), "a step was skipped or repeated"
     assert {**before, **after} == uninterrupted
     assert saved_step(last) == STEPS
+    assert f"checkpoint {last}: training held" in second.read_output()  # written in the background
+
+
+FULL_DISK_FROM_STEP_8 = """
+import errno, torch
+real_save = torch.save
+def save(obj, f, *args, **kwargs):
+    if isinstance(obj, dict) and obj.get("global_step", 0) >= 8:
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return real_save(obj, f, *args, **kwargs)
+torch.save = save
+"""
+
+
+@pytest.mark.slow
+def test_a_failed_background_write_stops_train_py_with_an_error_and_keeps_the_last_good_checkpoint(
+    start_train, tmp_path
+):
+    site = tmp_path / "site"  # a sitecustomize that fills the disk at step 8, in the training process only
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(FULL_DISK_FROM_STEP_8)
+    run_dir = tmp_path / "run"
+    process = start_train(
+        *RUN,
+        "trainer.max_steps=12",
+        "callbacks.checkpoint_best=null",
+        f"hydra.run.dir={run_dir}",
+        env={"PYTHONPATH": str(site)},
+    )
+    assert process.wait(timeout=300) == 1, process.read_output()[-3000:]
+    last = run_dir / "checkpoints" / "last.ckpt"
+    error = f"could not write checkpoint {last} ([Errno 28] No space left on device)"
+    output = process.read_output()
+    assert output.count(error) == 2, output[-3000:]  # when it failed, and as the reason the run stopped
+    assert "Traceback" not in output
+    assert [path.name for path in last.parent.iterdir()] == ["last.ckpt"]  # no .tmp
+    assert saved_step(last) == 4 and resume_checkpoint([str(last.parent)]) == str(last)
 
 
 def fake_checkpoint(path: Path, step: int) -> Path:
