@@ -2,14 +2,17 @@
 
     python bench/throughput.py                                   # 0.6b, all variants, aux off/on, both loops
     python bench/throughput.py --model 2b --attention gated --aux 1e-4 --loops plain --activation-checkpointing
+    python bench/throughput.py --loops lightning --strategy fsdp --devices 2 --attention gated --aux 1e-4
 
 Both loops run the same LightningModule math (SinkAwareLM.step: LM loss + aux loss) on the same fixed
 batches (random tokens: this measures the model, not the data loader), in bf16 autocast with a compiled
 model and fused AdamW; the timed window starts after the warm-up steps (compilation) and is bracketed by
 CUDA syncs. MFU = tokens/s · (6·N + 12·L·C·T) / peak, peak = the GPU's dense bf16 FLOP/s.
+The Lightning loop also runs on the CPU (fp32, --no-compile for speed): bench/e2e.py's smoke test uses that.
 """
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -18,6 +21,7 @@ from pathlib import Path
 import lightning as L
 import torch
 import yaml
+from hydra.utils import instantiate
 from lightning.pytorch.strategies import DDPStrategy
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
@@ -35,8 +39,10 @@ def model_fields(name: str) -> dict:
 def make_module(args, attention: str, aux_lambda: float) -> SinkAwareLM:
     model = {**model_fields(args.model), "attention": attention, "vocab_size": args.vocab, "backend": args.backend}
     model["activation_checkpointing"] = args.activation_checkpointing
+    model.update((key, yaml.safe_load(value)) for key, value in (item.split("=", 1) for item in args.set))
     optim = yaml.safe_load((CONF / "optim" / "adamw.yaml").read_text())
-    return SinkAwareLM(model=model, optim=optim, aux={"lambda": aux_lambda, "scope": args.aux_scope}, compile=True)
+    aux = {"lambda": aux_lambda, "scope": args.aux_scope}
+    return SinkAwareLM(model=model, optim=optim, aux=aux, compile=args.compile)
 
 
 def fixed_batches(args, seq_len: int, n: int = 4) -> list[dict]:
@@ -53,17 +59,19 @@ class Stopwatch(L.Callback):
 
     def on_train_batch_end(self, trainer, *args):
         if trainer.global_step == self.warmup:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
             self.start = time.perf_counter()
 
     def on_train_end(self, trainer, *args):
-        torch.cuda.synchronize()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         self.seconds = time.perf_counter() - self.start
 
 
 def use_ddp(args) -> bool:
-    return args.devices > 1 or args.strategy == "ddp"
+    return args.strategy == "ddp" or (args.devices > 1 and args.strategy == "auto")
 
 
 def ddp_options(args) -> dict:
@@ -83,14 +91,20 @@ def ddp_strategy(args) -> DDPStrategy:
     return DDPStrategy(**ddp_options(args), ddp_comm_hook=hook)
 
 
+def fsdp_strategy():
+    """The strategy of conf/trainer/fsdp.yaml (FSDP2 over every device, one checkpoint file)."""
+    return instantiate(yaml.safe_load((CONF / "trainer" / "fsdp.yaml").read_text())["strategy"])
+
+
 def run_lightning(args, module, batches) -> float:
     stopwatch = Stopwatch(args.warmup)
+    strategy = ddp_strategy(args) if use_ddp(args) else fsdp_strategy() if args.strategy == "fsdp" else "auto"
     trainer = L.Trainer(
-        accelerator="gpu",
+        accelerator=args.accelerator,
         devices=args.devices,
-        strategy=ddp_strategy(args) if use_ddp(args) else "auto",
+        strategy=strategy,
         accumulate_grad_batches=args.accumulate,
-        precision="bf16-mixed",
+        precision=args.precision,
         max_steps=args.warmup + args.steps,
         gradient_clip_val=1.0,
         logger=False,
@@ -100,7 +114,7 @@ def run_lightning(args, module, batches) -> float:
         callbacks=[stopwatch],
     )
     n_batches = (args.warmup + args.steps) * args.accumulate
-    loader = torch.utils.data.DataLoader(batches * n_batches, batch_size=None, pin_memory=True)
+    loader = torch.utils.data.DataLoader(batches * n_batches, batch_size=None, pin_memory=args.accelerator == "gpu")
     trainer.fit(module, train_dataloaders=loader)
     return stopwatch.seconds
 
@@ -149,19 +163,26 @@ def print_profile(train_step, steps: int = 3):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="0.6b")
+    parser.add_argument("--set", nargs="*", default=[], help="model fields over conf/model/MODEL.yaml: n_layer=2 ...")
     parser.add_argument("--attention", nargs="+", default=["vanilla", "sink", "gated"])
     parser.add_argument("--aux", nargs="+", type=float, default=[0.0, 1e-4])
     parser.add_argument("--loops", nargs="+", default=["plain", "lightning"], choices=["plain", "lightning"])
     parser.add_argument("--batch-size", type=int, default=8, help="rows per GPU")
     parser.add_argument("--aux-scope", default="global", choices=["global", "local"])
-    parser.add_argument("--devices", type=int, default=1, help="GPUs (DDP; lightning loop only)")
+    parser.add_argument("--devices", type=int, default=1, help="GPUs (DDP or FSDP; lightning loop only)")
+    parser.add_argument("--accelerator", default="gpu", choices=["gpu", "cpu"], help="cpu: lightning loop only")
+    parser.add_argument("--precision", help="Trainer precision (default: bf16-mixed on GPU, 32-true on CPU)")
+    parser.add_argument("--no-compile", dest="compile", action="store_false", help="leave the model uncompiled")
     parser.add_argument("--vocab", type=int, default=65536)
     parser.add_argument("--backend", default="auto", help="attention.backend: auto | flex | sdpa (gated only)")
     parser.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimizer step (lightning)")
     parser.add_argument("--bucket-cap-mb", type=int, help="DDP gradient bucket size (default: conf/trainer/ddp.yaml)")
     parser.add_argument("--ddp-comm-hook", default="none", choices=["none", "bf16"], help="bf16: half the bytes")
     parser.add_argument(
-        "--strategy", default="auto", choices=["auto", "ddp"], help="ddp with --devices 1: DDP's cost without a peer"
+        "--strategy",
+        default="auto",
+        choices=["auto", "ddp", "fsdp"],
+        help="auto: DDP if --devices > 1; ddp with --devices 1: DDP's cost without a peer; fsdp: trainer=fsdp's",
     )
     parser.add_argument(
         "--optimize-ddp",
@@ -174,11 +195,14 @@ def main():
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--profile", action="store_true", help="print the top GPU kernels (plain loop)")
     parser.add_argument("--peak-flops", type=float, default=H100_BF16_DENSE)
+    parser.add_argument("--json", help="also write the rows to this file (a JSON list)")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench/throughput.py needs a CUDA GPU")
-    if (use_ddp(args) or args.accumulate > 1) and args.loops != ["lightning"]:
-        sys.exit("--devices > 1, --accumulate > 1 and --strategy ddp need --loops lightning (the plain loop is 1 GPU)")
+    args.precision = args.precision or ("bf16-mixed" if args.accelerator == "gpu" else "32-true")
+    if args.accelerator == "gpu" and not torch.cuda.is_available():
+        sys.exit("bench/throughput.py needs a CUDA GPU (or --accelerator cpu --loops lightning)")
+    needs_lightning = args.devices > 1 or args.accumulate > 1 or args.strategy != "auto" or args.accelerator == "cpu"
+    if needs_lightning and args.loops != ["lightning"]:
+        sys.exit("--devices > 1, --accumulate > 1, --strategy and the CPU need --loops lightning (plain: one GPU)")
     torch.backends.cuda.matmul.allow_tf32 = True
     torch._dynamo.config.optimize_ddp = args.optimize_ddp
     if os.environ.get("LOCAL_RANK", "0") == "0":  # DDP re-runs this script once per extra GPU
@@ -186,13 +210,16 @@ def main():
         if use_ddp(args):
             buckets = ddp_options(args)["bucket_cap_mb"]
             ddp_note = f", DDP {buckets} MB buckets, hook {args.ddp_comm_hook}, {args.optimize_ddp}"
+        device = torch.cuda.get_device_name() if args.accelerator == "gpu" else "CPU"
         print(
-            f"# {torch.cuda.get_device_name()} x{args.devices}, torch {torch.__version__}, lightning {L.__version__}, "
+            f"# {device} x{args.devices}, {args.strategy} strategy, {args.precision}, compile {args.compile}, "
+            f"torch {torch.__version__}, lightning {L.__version__}, "
             f"batch {args.batch_size}/GPU x{args.accumulate} accumulated, vocab {args.vocab}, backend {args.backend}, "
             f"{args.steps} timed steps after {args.warmup}{ddp_note}"
         )
         print("| model | attention | aux λ | loop | tokens/s | MFU | peak mem GiB |")
         print("|---|---|---|---|---|---|---|")
+    rows = []
     for attention in args.attention:
         for aux_lambda in args.aux:
             for loop in args.loops:
@@ -202,18 +229,22 @@ def main():
                 batches = fixed_batches(args, seq_len)
                 seconds = (run_plain if loop == "plain" else run_lightning)(args, module, batches)
                 if torch.distributed.is_initialized() and torch.distributed.get_rank() > 0:
-                    continue  # DDP: rank 0 reports for all
+                    continue  # DDP / FSDP: rank 0 reports for all
                 tokens_per_s = args.steps * args.accumulate * args.batch_size * seq_len * args.devices / seconds
-                mfu = tokens_per_s * module.model.flops_per_token() / (args.peak_flops * args.devices)
-                memory = torch.cuda.max_memory_allocated() / 2**30
-                print(
-                    f"| {args.model} | {attention} | {aux_lambda:g} | {loop} | {tokens_per_s:,.0f} | "
-                    f"{mfu:.1%} | {memory:.1f} |",
-                    flush=True,
-                )
+                row = {"model": args.model, "attention": attention, "aux": aux_lambda, "loop": loop}
+                row["tokens_per_s"] = tokens_per_s
+                if args.accelerator == "gpu":
+                    row["mfu"] = tokens_per_s * module.model.flops_per_token() / (args.peak_flops * args.devices)
+                    row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                rows.append(row)
+                mfu, memory = (f"{row['mfu']:.1%}", f"{row['peak_mem_gib']:.1f}") if "mfu" in row else ("-", "-")
+                cells = [args.model, attention, f"{aux_lambda:g}", loop, f"{tokens_per_s:,.0f}", mfu, memory]
+                print(f"| {' | '.join(cells)} |", flush=True)
                 del module
                 torch._dynamo.reset()
                 torch.cuda.empty_cache()
+    if args.json and rows:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

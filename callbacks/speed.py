@@ -2,15 +2,20 @@
 
 Timing is wall clock between optimizer-step ends over each logging interval, so the step itself has no
 host sync; the first warmup_steps (compilation, allocator warm-up) and the time spent in validation are
-left out. MFU = tokens/s · FLOPs per token / peak, FLOPs per token = 6·N + 12·L·C·T (GPT.flops_per_token).
+left out. When training ends, the whole run's figure (every token trained after the warm-up over the training time,
+checkpoint writes included, validation excluded) is logged as one line: what bench/e2e.py reads.
+MFU = tokens/s · FLOPs per token / peak, FLOPs per token = 6·N + 12·L·C·T (GPT.flops_per_token).
 """
 
+import logging
 import time
 
 import lightning as L
 import torch
 from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch.utilities import rank_zero_warn
+
+log = logging.getLogger(__name__)
 
 
 def compute_dtype(precision: str) -> torch.dtype:
@@ -27,6 +32,7 @@ class SpeedMonitor(L.Callback):
         self.warmup_steps, self.peak_flops = warmup_steps, peak_flops
         self.window_start, self.window_tokens, self.last_step = None, 0, -1
         self.validation_start = None
+        self.first_step, self.train_tokens, self.train_seconds = None, 0, 0.0  # the closed windows, summed
         self.flops_per_token = {}  # seq_len -> FLOPs per token (counting parameters once per length)
 
     def on_fit_start(self, trainer, pl_module):
@@ -45,13 +51,13 @@ class SpeedMonitor(L.Callback):
             return
         now = time.perf_counter()
         if self.window_start is None:  # the interval starts at the end of the last warm-up step
-            self.window_start, self.last_step = now, step
+            self.window_start, self.last_step, self.first_step = now, step, step
             return
         self.window_tokens += batch["input_ids"].numel()  # every micro-batch of gradient accumulation counts
         if step == self.last_step or step % trainer.log_every_n_steps:
             return
         self.last_step = step
-        tokens_per_s = self.window_tokens * trainer.world_size / (now - self.window_start)
+        tokens_per_s = self.close_window(now, trainer.world_size)
         metrics = {"perf/tokens_per_s": tokens_per_s}
         if self.peak_flops:
             seq_len = batch["input_ids"].size(1)
@@ -59,7 +65,30 @@ class SpeedMonitor(L.Callback):
                 self.flops_per_token[seq_len] = pl_module.model.flops_per_token(seq_len)
             metrics["perf/mfu"] = tokens_per_s * self.flops_per_token[seq_len] / (self.peak_flops * trainer.world_size)
         pl_module.log_dict(metrics, prog_bar=True, on_step=True, on_epoch=False, rank_zero_only=True)
+
+    def close_window(self, now: float, world_size: int) -> float:
+        """Adds the window to the run's totals, starts the next one; returns the window's tokens/s (all ranks)."""
+        tokens, seconds = self.window_tokens * world_size, now - self.window_start
+        self.train_tokens += tokens
+        self.train_seconds += seconds
         self.window_start, self.window_tokens = now, 0
+        return tokens / seconds
+
+    def on_train_end(self, trainer, pl_module):
+        if self.window_start is None:  # stopped within the warm-up
+            return
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize()  # the last steps' queued work is training time too
+        self.close_window(time.perf_counter(), trainer.world_size)
+        if trainer.is_global_zero:
+            log.info(
+                "whole run: %d tokens in %.3f s of training, steps %d-%d (validation excluded): %.1f tokens/s",
+                self.train_tokens,
+                self.train_seconds,
+                self.first_step,
+                trainer.global_step,
+                self.train_tokens / self.train_seconds,
+            )
 
     def on_validation_start(self, trainer, pl_module):
         self.validation_start = time.perf_counter()
