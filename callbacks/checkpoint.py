@@ -145,19 +145,18 @@ def host_copy(checkpoint: dict) -> dict:
     the weights, the optimizer state and Lightning's own dicts (ModelCheckpoint's best_k_models) while the copy is
     written. CUDA tensors go to pinned memory, which the copy engine fills at tens of GB/s (a pageable copy runs at a
     few); torch caches pinned blocks, so the next save reuses them once the previous copy has been written and freed."""
-    on_cuda = False
+    gpus = set()
 
     def copy(tensor: torch.Tensor) -> torch.Tensor:
-        nonlocal on_cuda
         if tensor.is_cuda:
-            on_cuda = True
+            gpus.add(tensor.device)
             pinned = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
             return pinned.copy_(tensor.detach(), non_blocking=True)
         return tensor.detach().to("cpu", copy=True)
 
     snapshot = apply_to_collection(checkpoint, torch.Tensor, copy)
-    if on_cuda:
-        torch.cuda.synchronize()  # the copies are complete before the writer reads them
+    for gpu in gpus:
+        torch.cuda.synchronize(gpu)  # the copies are complete before the writer reads them
     return snapshot
 
 
