@@ -1,0 +1,38 @@
+"""bench/e2e.py on the CPU: train.py with checkpoints and validations, then bench/throughput.py, in one invocation;
+the end-to-end figure counts every token trained after the warm-up."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+STEPS, WARMUP, BATCH, SEQ = 16, 4, 2, 64
+
+
+@pytest.mark.slow
+def test_e2e_reports_train_py_and_the_benchmark_side_by_side(tmp_path):
+    out, run_dir = tmp_path / "e2e.json", tmp_path / "run"
+    bench = [sys.executable, str(ROOT / "bench" / "e2e.py"), f"--steps={STEPS}", f"--warmup={WARMUP}"]
+    bench += ["--throughput-steps=4", f"--run-dir={run_dir}", f"--out={out}"]
+    tiny = ["model.n_layer=2", "model.n_embd=64", f"model.seq_len={SEQ}", f"data.batch_size={BATCH}"]
+    tiny += ["trainer.limit_val_batches=2", "trainer.log_every_n_steps=4"]
+    env = {**os.environ, "SINKAWARE_CACHE_DIR": str(ROOT / ".cache"), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([*bench, *tiny], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+
+    result = json.loads(out.read_text())
+    e2e, throughput = result["e2e"], result["throughput"]
+    assert e2e["steps"] == [WARMUP, STEPS]
+    assert e2e["tokens"] == (STEPS - WARMUP) * BATCH * SEQ  # every step after the warm-up, none twice
+    assert e2e["tokens_per_s"] == pytest.approx(e2e["tokens"] / e2e["seconds"])
+    assert e2e["validations"] == 2 and e2e["checkpoint_every"] == STEPS // 4
+    assert throughput["loop"] == "lightning" and throughput["tokens_per_s"] > 0
+    assert result["ratio"] == pytest.approx(e2e["tokens_per_s"] / throughput["tokens_per_s"])
+    assert "data/tokenizer=bpe" in result["overrides"]  # the real data path by default
+    assert f"| end to end / benchmark | {result['ratio']:.1%} |" in done.stdout
+    assert not (run_dir / "checkpoints").exists()  # written during the run, deleted after it
+    assert (run_dir / "csv" / "metrics.csv").is_file()
