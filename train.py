@@ -22,6 +22,7 @@ from hydra.types import RunMode
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
@@ -83,9 +84,26 @@ def run_id(path: Path) -> str:
     return path.read_text()
 
 
+def end_job(trainer, code: int):
+    """Exit with `code`; in a multi-process run, end every rank now. Lightning's launcher kills all ranks when one it
+    started fails, but when the launching process (rank 0) fails it only raises, and the ranks it started wait in
+    their next collective until the process group's timeout (an NCCL collective never notices a dead peer). Under
+    srun or torchrun this rank's non-zero exit ends the others. os._exit skips the exit handlers: one of them,
+    destroy_process_group, can wait for collectives the other ranks will never finish."""
+    if trainer is None or trainer.world_size == 1:
+        sys.exit(code)
+    if isinstance(trainer.strategy.launcher, _SubprocessScriptLauncher):
+        trainer.strategy.launcher.kill(signal.SIGKILL)  # the ranks this process started, if any
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
     L.seed_everything(cfg.seed, workers=True)
+    trainer = None
     try:
         datamodule, module, trainer = build(cfg)
         log.info("model: %s, %.2fM parameters", module.model.cfg, module.model.num_params() / 1e6)
@@ -96,10 +114,15 @@ def main(cfg: DictConfig) -> None:
     except (ValueError, FileNotFoundError, CheckpointWriteError) as err:
         # Errors we raise for bad input already say what is wrong and how to fix it: no traceback wall.
         log.error("%s (set HYDRA_FULL_ERROR=1 for the traceback)", err)
-        sys.exit(1)
+        end_job(trainer, 1)
     except SIGTERMException:  # raised by Lightning between two steps, after LastCheckpoint saved that step
         log.warning("stopped by SIGTERM at step %d, saved: the same command resumes the run", trainer.global_step)
         sys.exit(128 + signal.SIGTERM)
+    except Exception:
+        if trainer is None or trainer.world_size == 1:
+            raise  # Hydra prints it
+        log.exception("rank %d failed", trainer.global_rank)
+        end_job(trainer, 1)
 
 
 if __name__ == "__main__":
