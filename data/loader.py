@@ -1,12 +1,14 @@
-"""A StatefulDataLoader whose saved state is the position after the last batch training CONSUMED.
+"""Loaders of packed rows. ConsumedStateLoader (training): a StatefulDataLoader whose saved state is the position
+after the last batch training CONSUMED. FirstBatchesLoader (validation): at most a given number of batches.
 
 Lightning saves the train loader's state_dict() in its checkpoints and restores it on resume, but its
 data fetcher pulls one batch ahead, so a plain loader's state is one batch too far and a resumed run
-skips a batch. This loader keeps the state after each yielded batch until that batch is consumed (the
+skips a batch. ConsumedStateLoader keeps the state after each yielded batch until that batch is consumed (the
 DataModule reports each one), and saves the state of every DDP rank, since only rank 0 writes the file.
 """
 
 import copy
+import itertools
 
 import torch.distributed as dist
 from torchdata.stateful_dataloader import StatefulDataLoader
@@ -63,3 +65,16 @@ class ConsumedStateLoader(StatefulDataLoader):
                 f"{self.num_workers}: resume with data.num_workers={saved_workers} to continue the stream exactly"
             )
         super().load_state_dict(mine)
+
+
+class FirstBatchesLoader(StatefulDataLoader):
+    """The first `max_batches` batches (None: all). Validation takes the same number on every DDP rank: each batch
+    is a collective (DDP broadcasts buffers, FSDP gathers weights), and a rank with fewer would leave the others
+    waiting."""
+
+    def __init__(self, *args, max_batches: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.max_batches = max_batches
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.max_batches)

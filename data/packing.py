@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 FRESH = {"epoch": 0, "docs": None, "skip": 0}
+ENDED = {"epoch": None, "docs": None, "skip": 0}  # a worker with less than a row: it yields nothing
 
 
 class PackedRows(IterableDataset):
@@ -38,29 +39,32 @@ class PackedRows(IterableDataset):
         start, self.resume_from = self.resume_from or dict(FRESH), None
         self.position = dict(start)
         epoch = start["epoch"]
-        while self.epochs is None or epoch < self.epochs:
-            resumed = epoch == start["epoch"] and start["docs"] is not None
-            docs_read = yield from self.epoch_rows(epoch, start if epoch == start["epoch"] else FRESH)
-            if docs_read == 0 and not resumed:
-                return  # no shard of the corpus fell to this worker
+        while epoch is not None and (self.epochs is None or epoch < self.epochs):
+            resumed = epoch == start["epoch"] and (start["docs"], start["skip"]) != (None, 0)
+            rows = yield from self.epoch_rows(epoch, start if resumed else FRESH)
+            if rows == 0 and not resumed:
+                # No shard fell to this worker, or its documents hold less than a row: it yields nothing (the
+                # other workers and ranks go on) instead of reading the same documents forever, and stays
+                # ended in a resumed run too.
+                self.position = dict(ENDED)
+                return
             epoch += 1
 
     def epoch_rows(self, epoch: int, start: dict):
-        """Yield the rows of one epoch from `start`; return the number of documents read. The tokens left at
-        the end of the epoch (less than a row) are dropped."""
+        """Yield the rows of one epoch from `start`; return how many. The tokens left at the end of the epoch
+        (less than a row) are dropped."""
         bos = self.tokenizer.bos_id
         docs = self.documents(epoch)
         docs.load_state_dict(start["docs"])  # None: from the first document
         pending = deque()  # (stream state before the document, [BOS] + its tokens), not fully used yet
         offset = start["skip"]  # tokens of pending[0] already in rows
         available = -offset  # tokens in pending not in rows yet
-        state_before, docs_read, rows = start["docs"], 0, 0
+        state_before, rows = start["docs"], 0
         for doc in docs:
             tokens = [bos] + self.tokenizer.encode(doc[self.text_column])
             pending.append((state_before, tokens))
             available += len(tokens)
             state_before = docs.state_dict()
-            docs_read += 1
             # A row starting on a document's BOS takes width tokens; one starting inside a document
             # takes width - 1 and gets a BOS in front.
             while available >= self.width - (offset > 0):
@@ -77,13 +81,8 @@ class PackedRows(IterableDataset):
                 self.position = {"epoch": epoch, "docs": pending[0][0] if pending else state_before, "skip": offset}
                 rows += 1
                 yield self.as_example(torch.tensor(row))
-        if docs_read and not rows and start["docs"] is None:
-            raise ValueError(
-                f"an epoch of this worker's documents holds fewer than seq_len + 1 = {self.width} tokens: "
-                "use a larger corpus, a smaller model.seq_len, or fewer data.num_workers"
-            )
         self.position = {"epoch": epoch + 1, "docs": None, "skip": 0}
-        return docs_read
+        return rows
 
     def as_example(self, row: torch.Tensor) -> dict:
         targets = row[1:]

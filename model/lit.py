@@ -5,7 +5,7 @@ import math
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torchmetrics import Metric
+from torchmetrics import MeanMetric, Metric
 
 from model.balance import aux_loss, importance
 from model.gpt import GPT, GPTConfig
@@ -77,6 +77,7 @@ class SinkAwareLM(L.LightningModule):
         # Heads exempt from balancing (Eq. 8); all False in pretraining. A buffer, so it is checkpointed.
         self.register_buffer("shared_heads", torch.zeros(cfg.n_layer, cfg.n_head, dtype=torch.bool))
         self.train_bpb, self.val_bpb = BitsPerByte(), BitsPerByte()
+        self.val_loss = MeanMetric()  # over all validation tokens
         self.last_importance = None  # (L, H) of the latest training batch, detached; read by callbacks
         self.token_nll = token_nll
 
@@ -124,10 +125,14 @@ class SinkAwareLM(L.LightningModule):
         return lm_loss + aux if self.aux_weight > 0 else lm_loss
 
     def validation_step(self, batch, batch_idx):
-        nll, _, aux = self.step(batch)
+        """The LM loss only, with no collective of its own: the metrics are reduced over the ranks once, at the
+        end of validation. (The aux loss, with aux.scope=global, would all-reduce importance on every batch.)"""
+        logits, _ = self.model(batch["input_ids"])
+        nll = self.token_nll(logits, batch["targets"])
+        self.val_loss.update(nll)
         self.val_bpb.update(nll, batch["target_bytes"])
-        self.log("val/loss", nll.mean(), prog_bar=True, sync_dist=True, batch_size=nll.size(0))
-        self.log("val/bpb", self.val_bpb, prog_bar=True, batch_size=nll.size(0))
+        self.log("val/loss", self.val_loss, prog_bar=True)
+        self.log("val/bpb", self.val_bpb, prog_bar=True)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         """Clip by global norm ourselves: Lightning's AMP plugin refuses to clip for fused AdamW (a rule

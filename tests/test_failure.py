@@ -23,10 +23,10 @@ def test_a_failing_rank_ends_every_rank_within_60_s(start_train, tmp_path, faili
         *DDP,
         f"hydra.run.dir={tmp_path}",
         "trainer.max_steps=50",
-        "+callbacks.fail._target_=tests.failing_rank.FailOnRank",
+        "+callbacks.fail._target_=tests.ddp_probes.FailOnRank",
         f"+callbacks.fail.rank={failing_rank}",
         "+callbacks.fail.step=5",
-        f"+callbacks.fail.pid_dir={tmp_path}",
+        f"+callbacks.fail.out_dir={tmp_path}",
     )
     (blocked,) = [f"rank{r}.pid" for r in (0, 1) if r != failing_rank]
     try:
