@@ -8,9 +8,9 @@ import lightning as L
 
 
 class FailOnRank(L.Callback):
-    """At global step `step`, rank `rank` raises. The other ranks write their pid to `out_dir` and block, as in an
-    NCCL collective, which waits for a dead peer until the process group's timeout (a gloo collective would notice
-    the closed connection and fail on its own, hiding the hang this stands for)."""
+    """At global step `step` the other ranks write their pid to `out_dir` and block, as in an NCCL collective, which
+    waits for a dead peer until the process group's timeout (a gloo collective would notice the closed connection and
+    fail on its own, hiding the hang this stands for); once they all do, rank `rank` raises."""
 
     def __init__(self, rank: int, step: int, out_dir: str):
         self.rank, self.step, self.out_dir = rank, step, Path(out_dir)
@@ -18,10 +18,13 @@ class FailOnRank(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step != self.step:
             return
-        if trainer.global_rank == self.rank:
-            raise RuntimeError(f"injected failure on rank {self.rank} at step {self.step}")
-        (self.out_dir / f"rank{trainer.global_rank}.pid").write_text(str(os.getpid()))
-        time.sleep(3600)
+        if trainer.global_rank != self.rank:
+            (self.out_dir / f"rank{trainer.global_rank}.pid").write_text(str(os.getpid()))
+            time.sleep(3600)
+        deadline = time.monotonic() + 30
+        while len(list(self.out_dir.glob("rank*.pid"))) < trainer.world_size - 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        raise RuntimeError(f"injected failure on rank {self.rank} at step {self.step}")
 
 
 class CountValidationBatches(L.Callback):
