@@ -137,7 +137,7 @@ def evaluate(overrides: list[str]) -> None:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("step", choices=["train", "eval", "report"])
-    parser.add_argument("--per-gpu", type=int, default=1, help="runs at a time on each GPU")
+    parser.add_argument("--per-gpu", type=int, default=2, help="runs at a time on each GPU (2 fill an H200)")
     parser.add_argument("--only", default=None, help="comma-separated experiment names (default: all)")
     parser.add_argument("--stop-launching-after", type=float, default=0, help="seconds; 0 = no limit")
     parser.add_argument("--stop-after", type=float, default=0, help="seconds; then runs in flight save and stop")
