@@ -4,7 +4,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: help install train test lint bench clean
+.PHONY: help install train test lint bench study clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -28,6 +28,11 @@ lint:  ## ruff
 
 bench: install  ## throughput benchmark (GPU); prints one row per configuration
 	$(BIN)/python bench/throughput.py
+
+study: install  ## the study of docs/study.md on this machine's GPUs (corpus_a/, corpus_b/ in $$SINKAWARE_DATA or .data/)
+	$(BIN)/python scripts/study.py train
+	$(BIN)/python scripts/study.py eval
+	$(BIN)/python scripts/study.py report
 
 clean:  ## remove caches and local run outputs
 	rm -rf outputs multirun .pytest_cache .ruff_cache

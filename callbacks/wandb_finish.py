@@ -21,10 +21,12 @@ class WandbFinish(L.Callback):
         self.finish(trainer, exit_code=1)
 
     def finish(self, trainer, exit_code: int) -> None:
+        if not any(isinstance(logger, WandbLogger) for logger in trainer.loggers):
+            return  # wandb itself may not be installed (logger=csv on a GPU machine)
         import wandb
 
         run = wandb.run
-        if run is None or not any(isinstance(logger, WandbLogger) for logger in trainer.loggers):
+        if run is None:
             return
         run.finish(exit_code=exit_code)
         if run.offline:

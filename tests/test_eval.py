@@ -12,8 +12,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-import eval as evaluation
+import eval as eval_script
 from data.tokenizer import ByteTokenizer
+from evaluation.harness import HarnessLM, run_tasks
 from model.generate import generate
 from model.gpt import GPT, GPTConfig, KVCache
 from model.lit import SinkAwareLM
@@ -44,7 +45,7 @@ def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("trained")
     cfg = eval_config(tmp)
     model_cfg = {**TINY, "attention": "sink", "vocab_size": ByteTokenizer().vocab_size}
-    datamodule = evaluation.build_data(cfg, model_cfg)
+    datamodule = eval_script.build_data(cfg, model_cfg)
     optim = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/optim/adamw.yaml"))
     aux = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/aux/default.yaml"))
     module = SinkAwareLM(model=model_cfg, optim={**optim, "warmup_steps": 1}, aux=aux)
@@ -68,8 +69,8 @@ def trained(tmp_path_factory):
 
 def test_report_bpb_importance_and_ablation_match_training(trained, tmp_path):
     cfg = eval_config(tmp_path, f"ckpt={trained['path']}")
-    runtime = evaluation.Runtime("cpu", "fp32")
-    result = evaluation.report(cfg, trained["path"], tmp_path, runtime, "tiny")
+    runtime = eval_script.Runtime("cpu", "fp32")
+    result = eval_script.report(cfg, trained["path"], tmp_path, runtime, "tiny")
 
     assert result["rows"] == ROWS and result["step"] == 4
     assert result["bpb"] == pytest.approx(trained["val_bpb"], rel=1e-6)  # the training-time validation BPB
@@ -87,18 +88,18 @@ def test_report_bpb_importance_and_ablation_match_training(trained, tmp_path):
 def test_importance_equals_the_modules_on_the_same_batch(trained, tmp_path):
     cfg = eval_config(tmp_path)
     module = trained["module"].eval()
-    datamodule = evaluation.build_data(cfg, module.hparams.model)
+    datamodule = eval_script.build_data(cfg, module.hparams.model)
     batch = next(iter(datamodule.loader("validation")))
     with torch.no_grad():
         _, module_imp, _ = module.step(batch)
-    measured = evaluation.measure(module.model, [batch], evaluation.Runtime("cpu", "fp32"))
+    measured = eval_script.measure(module.model, [batch], eval_script.Runtime("cpu", "fp32"))
     torch.testing.assert_close(measured["importance"].float(), module_imp, rtol=1e-6, atol=1e-7)
 
 
 def test_ablation_masks_switch_off_the_right_heads():
     imp = torch.tensor([[0.9, 0.1, 0.5], [0.2, 0.8, 0.4]])
-    least = evaluation.ablation_masks(imp, 1, least=True)
-    most = evaluation.ablation_masks(imp, 2, least=False)
+    least = eval_script.ablation_masks(imp, 1, least=True)
+    most = eval_script.ablation_masks(imp, 2, least=False)
     assert least.tolist() == [[1, 0, 1], [0, 1, 1]]
     assert most.tolist() == [[0, 1, 0], [1, 0, 0]]
 
@@ -150,8 +151,8 @@ def next_byte_model(shift: int, scale: float = 10.0) -> GPT:
     return model.eval()
 
 
-def harness_lm(model: GPT) -> evaluation.HarnessLM:
-    return evaluation.HarnessLM(model, ByteTokenizer(), evaluation.Runtime("cpu", "fp32"), batch_size=3)
+def harness_lm(model: GPT) -> HarnessLM:
+    return HarnessLM(model, ByteTokenizer(), eval_script.Runtime("cpu", "fp32"), batch_size=3)
 
 
 def write_echo_task(folder: Path) -> None:
@@ -189,9 +190,9 @@ def test_harness_task_scores_100_percent_with_a_model_that_knows_the_answers(tmp
             },
         }
     )
-    knows = evaluation.run_tasks(harness_lm(next_byte_model(shift=0)), cfg)
+    knows = run_tasks(harness_lm(next_byte_model(shift=0)), cfg)
     assert knows["echo_letter"]["acc,none"] == 1.0
-    contrary = evaluation.run_tasks(harness_lm(next_byte_model(shift=0, scale=-10.0)), cfg)
+    contrary = run_tasks(harness_lm(next_byte_model(shift=0, scale=-10.0)), cfg)
     assert contrary["echo_letter"]["acc,none"] == 0.0  # the same plumbing can fail
 
 
@@ -250,11 +251,11 @@ def test_run_name_and_bad_checkpoints_give_one_line_errors(tmp_path):
     last.parent.mkdir(parents=True)
     last.write_bytes(b"not a checkpoint")
     cfg = OmegaConf.create({"ckpt": None, "run": "myrun", "runs_dir": str(tmp_path)})
-    assert evaluation.checkpoint_path(cfg) == last
-    assert evaluation.label_of(last) == "myrun/last.ckpt"
+    assert eval_script.checkpoint_path(cfg) == last
+    assert eval_script.label_of(last) == "myrun/last.ckpt"
     with pytest.raises(ValueError, match="last.ckpt: not a readable checkpoint"):
-        evaluation.load_checkpoint(last, "auto")
+        eval_script.load_checkpoint(last, "auto")
     with pytest.raises(FileNotFoundError, match="run=other: no last.ckpt under"):
-        evaluation.checkpoint_path(OmegaConf.merge(cfg, {"run": "other"}))
+        eval_script.checkpoint_path(OmegaConf.merge(cfg, {"run": "other"}))
     with pytest.raises(ValueError, match="exactly one of ckpt=PATH"):
-        evaluation.checkpoint_path(OmegaConf.merge(cfg, {"run": None}))
+        eval_script.checkpoint_path(OmegaConf.merge(cfg, {"run": None}))

@@ -1,0 +1,1 @@
+"""Evaluation pieces that eval.py loads only when used."""
