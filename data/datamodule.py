@@ -83,7 +83,7 @@ class TextDataModule(L.LightningDataModule):
         val_size = self.split_size("validation") if validate and val_batches == 0 else [0, 0]
         ranks = self.all_ranks([train_batches, val_batches, *val_size])
         row = f"no row of seq_len + 1 = {self.seq_len + 1} tokens"
-        spread = f"over {len(ranks)} ranks x {self.workers} dataloader workers"
+        spread = f"over {len(ranks)} ranks x {self.split_workers('train')} dataloader workers"
         if empty := [r for r, counts in enumerate(ranks) if counts[0] == 0]:
             raise ValueError(
                 f"the training split is too small: rank {empty[0]} finds {row} {spread}: use a larger corpus, "
@@ -96,8 +96,8 @@ class TextDataModule(L.LightningDataModule):
             r, (_, _, docs, tokens) = next((r, counts) for r, counts in enumerate(ranks) if counts[1] == 0)
             raise ValueError(
                 f"the validation split is too small: rank {r} has {docs} validation documents ({tokens} tokens), "
-                f"{row} {spread}: raise data.corpus.val_permille (now {self.corpus.val_permille}), or use fewer "
-                "data.num_workers or devices, or a shorter model.seq_len (trainer.limit_val_batches=0: no validation)"
+                f"{row} over {len(ranks)} ranks: raise data.corpus.val_permille (now {self.corpus.val_permille}), "
+                "or use fewer devices, or a shorter model.seq_len (trainer.limit_val_batches=0: no validation)"
             )
         if self.trainer.global_rank == 0 and (limit is None or self.val_batches < limit):
             log.info("validation: %d batches on every rank, all that some rank's split holds", self.val_batches)
@@ -124,11 +124,18 @@ class TextDataModule(L.LightningDataModule):
         epochs = None if split == "train" else 1  # training streams on (epoch after epoch); validation is one pass
         return PackedRows(documents, self.tokenizer, self.seq_len, self.corpus.text_column, epochs=epochs)
 
+    def split_workers(self, split: str) -> int:
+        """Validation reads one small pass with at most one worker: spread over several, a rank's few documents
+        could leave every worker short of a row (each drops its partial last row) although together they hold
+        some; one worker still keeps the tokenization out of the training process."""
+        return self.workers if split == "train" else min(self.workers, 1)
+
     def loader(self, split: str, rank: int = 0, world_size: int = 1, max_batches: int | None = None):
         """The loader of one split for one rank; train_dataloader / val_dataloader use the trainer's rank.
         Validation yields at most max_batches batches (None: all)."""
         rows = self.rows(split, rank, world_size)
-        options = dict(batch_size=self.batch_size, num_workers=self.workers, pin_memory=torch.cuda.is_available())
+        workers = self.split_workers(split)
+        options = dict(batch_size=self.batch_size, num_workers=workers, pin_memory=torch.cuda.is_available())
         if split == "train":
             return ConsumedStateLoader(rows, **options)
         return FirstBatchesLoader(rows, max_batches=max_batches, **options)
