@@ -14,7 +14,13 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from callbacks.checkpoint import BackgroundCheckpointIO, CheckpointWriteError, LastCheckpoint, resume_checkpoint
+from callbacks.checkpoint import (
+    BackgroundCheckpointIO,
+    CheckpointWriteError,
+    LastCheckpoint,
+    host_copy,
+    resume_checkpoint,
+)
 
 ROOT = Path(__file__).parents[1]
 real_save = torch.save
@@ -176,3 +182,35 @@ def test_the_shipped_config_checkpoints_by_time_and_takes_a_step_override(tmp_pa
     assert default._train_time_interval.total_seconds() == 600 and default._every_n_train_steps == 0
     overridden = last_checkpoint("callbacks.checkpoint_last.every_n_train_steps=500")
     assert overridden._train_time_interval is None and overridden._every_n_train_steps == 500
+
+
+def test_a_second_checkpoint_of_the_same_step_does_not_wait_for_the_first(tmp_path, monkeypatch):
+    """best-k right after last.ckpt at a validation step: the same state, so no wait for the write in flight."""
+
+    def slow_save(checkpoint, f):
+        time.sleep(0.6)
+        real_save(checkpoint, f)
+
+    monkeypatch.setattr(torch, "save", slow_save)
+    io = BackgroundCheckpointIO()
+    state = {"global_step": 7, "state_dict": {"weight": torch.full((1,), 7.0)}}
+    start = time.perf_counter()
+    io.save_checkpoint(state, tmp_path / "last.ckpt")
+    io.save_checkpoint(state, tmp_path / "best.ckpt")
+    assert time.perf_counter() - start < 0.4  # neither waited for a write
+    io.save_checkpoint({**state, "global_step": 8}, tmp_path / "last.ckpt")  # another step: waits for both writes
+    assert time.perf_counter() - start >= 1.2
+    io.teardown()
+    assert saved(tmp_path / "best.ckpt") == (7, 7.0) and saved(tmp_path / "last.ckpt") == (8, 7.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (pinned host copies)")
+def test_host_copies_on_cuda_pinned_pageable_and_reused():
+    weight = torch.arange(4.0, device="cuda")
+    pinned, copies = host_copy({"w": weight, "step": 1}, pinned=True)
+    assert pinned["w"].is_pinned() and pinned["w"].tolist() == [0.0, 1.0, 2.0, 3.0]
+    again, _ = host_copy({"w": weight}, reuse=copies)
+    assert again["w"] is pinned["w"]  # the same step's copy, taken as it is
+    pageable, _ = host_copy({"w": weight}, pinned=False)
+    assert not pageable["w"].is_pinned() and pageable["w"].tolist() == [0.0, 1.0, 2.0, 3.0]
