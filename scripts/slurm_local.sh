@@ -6,8 +6,9 @@
 #   bash scripts/slurm_local.sh status    # the daemons this script started, and sinfo
 #   bash scripts/slurm_local.sh stop      # cancel all jobs, stop only the daemons this script started (by PID)
 # Partition `debug`, node `$(hostname -s)`. Knobs:
-#   SLURM_LOCAL_CPUS=N (default: nproc)  CPUs the node offers; more than the machine has lets short, mostly idle
-#                                        test jobs run side by side (nothing binds tasks to cores here)
+#   SLURM_LOCAL_CPUS=N                   CPUs the node offers (default: nproc, at least 8). More than the machine has
+#                                        lets short, mostly idle jobs (tests/test_slurm.py's) run side by side:
+#                                        nothing binds tasks to cores here
 #   SLURM_LOCAL_ACCOUNTING=0             no slurmdbd + MariaDB: faster, but no `sacct`, and submitit (hydra/launcher=
 #                                        slurm) then never notices a job that ends without a result (scancel, timeout)
 # Traps this config avoids (../shared/notes/slurm.md): a requeued job waits cred_expire+1 s (default 121 s) before it
@@ -15,7 +16,7 @@
 # gives every job the whole node.
 set -euo pipefail
 
-CPUS=${SLURM_LOCAL_CPUS:-$(nproc)}
+CPUS=${SLURM_LOCAL_CPUS:-$(($(nproc) > 8 ? $(nproc) : 8))}
 ACCT=${SLURM_LOCAL_ACCOUNTING:-1}
 RUNDIR=/run/slurm-local  # the PIDs of the daemons this script started
 LOGDIR=/var/log/slurm

@@ -9,16 +9,15 @@ import lightning as L
 
 
 class StepProbe(L.Callback):
-    """Appends to `<dirpath>/steps.<rank>` a line `start <step> <job id> <restart count>` when training starts and
+    """Appends to `<run dir>/steps.<rank>` a line `start <step> <job id> <restart count>` when training starts and
     `<step> <loss as a hex float>` after every optimizer step (the text compares bit for bit). In a SLURM job that
     has not been restarted yet, sleeps `first_run_sleep` seconds per step: this changes no number."""
 
-    def __init__(self, dirpath: str, first_run_sleep: float = 0.0):
-        self.dirpath, self.first_run_sleep = Path(dirpath), first_run_sleep
+    def __init__(self, first_run_sleep: float = 0.0):
+        self.first_run_sleep = first_run_sleep
 
     def write(self, trainer, line: str) -> None:
-        self.dirpath.mkdir(parents=True, exist_ok=True)
-        with open(self.dirpath / f"steps.{trainer.global_rank}", "a") as f:
+        with open(Path(trainer.default_root_dir) / f"steps.{trainer.global_rank}", "a") as f:
             f.write(line + "\n")
 
     def on_train_start(self, trainer, pl_module):
