@@ -206,11 +206,9 @@ def test_a_second_checkpoint_of_the_same_step_does_not_wait_for_the_first(tmp_pa
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (pinned host copies)")
-def test_host_copies_on_cuda_pinned_pageable_and_reused():
+def test_host_copies_on_cuda_are_pinned_and_reused_for_the_same_step():
     weight = torch.arange(4.0, device="cuda")
-    pinned, copies = host_copy({"w": weight, "step": 1}, pinned=True)
+    pinned, copies = host_copy({"w": weight, "step": 1})
     assert pinned["w"].is_pinned() and pinned["w"].tolist() == [0.0, 1.0, 2.0, 3.0]
     again, _ = host_copy({"w": weight}, reuse=copies)
     assert again["w"] is pinned["w"]  # the same step's copy, taken as it is
-    pageable, _ = host_copy({"w": weight}, pinned=False)
-    assert not pageable["w"].is_pinned() and pageable["w"].tolist() == [0.0, 1.0, 2.0, 3.0]
