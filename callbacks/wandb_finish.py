@@ -28,6 +28,13 @@ class WandbFinish(L.Callback):
         run = wandb.run
         if run is None:
             return
-        run.finish(exit_code=exit_code)
+        try:
+            run.finish(exit_code=exit_code)
+        except Exception as err:  # ConnectionResetError, HandleAbandonedError: W&B's service process is gone
+            # SLURM stops every process of a job at once (scancel, preemption, the kill after a requeue), W&B's
+            # service too: its files stay as written, and what comes after this callback must still run
+            # (LastCheckpoint's save on SIGTERM, submitit's clean exit after a requeue).
+            log.warning("W&B's service process stopped before the run was finished (%s)", err)
+            return
         if run.offline:
             log.info("W&B run saved offline; upload it with:  wandb sync %s", run.settings.sync_dir)
