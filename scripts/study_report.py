@@ -50,7 +50,7 @@ def sort_key(run: str):
     return (rank, fields.get("seed", ""), float(fields.get("lambda", 0)), fields.get("m", ""))
 
 
-def run_rows(out: Path, evals: dict[str, dict[str, dict]]) -> list[dict]:
+def run_rows(out: Path, evals: dict[str, dict[str, dict]], tokens_per_step: int) -> list[dict]:
     rows = []
     for run_dir in sorted((p.parent.parent for p in out.glob("*/csv/metrics.csv")), key=lambda p: sort_key(p.name)):
         log = logged(run_dir)
@@ -66,6 +66,7 @@ def run_rows(out: Path, evals: dict[str, dict[str, dict]]) -> list[dict]:
             "lambda": a["aux"]["lambda"],
             "shared_heads": a["aux"].get("shared_heads", 0),
             "steps": a["step"],
+            "tokens": a["step"] * tokens_per_step,
             "val_bpb_corpus_a": round(a["bpb"], 4),
             "bpb_corpus_b": round(b["bpb"], 4) if b else None,
             "mean_cv": round(a["cv_mean"], 4),
@@ -76,6 +77,15 @@ def run_rows(out: Path, evals: dict[str, dict[str, dict]]) -> list[dict]:
             "tokens_per_s_median": round(statistics.median(speed)) if speed else None,
         })  # fmt: skip
     return rows
+
+
+def tokens_per_step() -> int:
+    """data.batch_size x model.seq_len of the study's runs (conf/experiment/study/base.yaml; one GPU each)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(Path(__file__).parents[1] / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=study/vanilla"])
+    return cfg.data.batch_size * cfg.model.seq_len
 
 
 def finetune_rows(reports: dict[str, dict]) -> list[dict]:
@@ -140,7 +150,7 @@ def build_report(out: Path, docs: Path, img: Path) -> None:
         raise SystemExit(f"no eval under {out / 'eval'}: run `python scripts/study.py eval` first")
     docs.mkdir(parents=True, exist_ok=True)
     img.mkdir(parents=True, exist_ok=True)
-    rows = run_rows(out, evals)
+    rows = run_rows(out, evals, tokens_per_step())
     with open(docs / "runs.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
