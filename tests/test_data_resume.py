@@ -130,8 +130,8 @@ def resume_on_two_ranks(rank: int, corpus: Corpus, tmp, k: int, n: int):
 def test_every_rank_resumes_its_own_position(corpus, tmp_path):
     k, n = 5, 12
     torch.multiprocessing.start_processes(
-        resume_on_two_ranks, args=(corpus, tmp_path, k, n), nprocs=2, start_method="fork"
-    )  # fork: no re-import of torch and datasets per rank
+        resume_on_two_ranks, args=(corpus, tmp_path, k, n), nprocs=2, start_method="spawn"
+    )  # not fork: a fork of this many-threaded pytest process can deadlock in torch's thread pools
     runs = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     assert not torch.equal(runs[0]["reference"][0], runs[1]["reference"][0])  # the ranks read different data
     for run in runs:

@@ -197,8 +197,8 @@ def validation_batch(i: int) -> dict:
 def test_validation_makes_no_collective_of_its_own(tmp_path):
     out = torch.multiprocessing.Manager().dict()
     torch.multiprocessing.start_processes(
-        validate_on_two_ranks, args=(str(tmp_path / "init"), out), nprocs=2, start_method="fork"
-    )
+        validate_on_two_ranks, args=(str(tmp_path / "init"), out), nprocs=2, start_method="spawn"
+    )  # not fork: a fork of this many-threaded pytest process can deadlock in torch's thread pools (hung CI)
     single = make_module("global")
     for i in (0, 1, 2, 3):  # the same 4 batches in one process
         single.validation_step(validation_batch(i), i)
