@@ -3,7 +3,7 @@
     python bench/attention_kernels.py                                  # B=8, H=10, T=2048, D=128, bf16
     python bench/attention_kernels.py --flex-options '{"USE_TMA": true}'
 
-Each row runs the model's own CausalSelfAttention.attend + .gate (the kernel and the variant's gate, no
+Each row runs the model's own CausalSelfAttention.attend_and_gate (the kernel and the variant's gate, no
 projections) compiled, then the backward of a loss on the gated output and on the gate, so a kernel only
 counts for a variant when it gives that variant's gate and its gradient: sdpa (cuDNN) returns no LSE, so
 vanilla and sink, whose gates are functions of the LSE, need flex; gated could use either, and `backend:
@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from model.gpt import LSE_GATES, CausalSelfAttention, GPTConfig  # noqa: E402
+from model.attention import VARIANTS  # noqa: E402
+from model.gpt import CausalSelfAttention, GPTConfig  # noqa: E402
 
 KERNELS = ("sdpa", "flex")
 
@@ -29,10 +30,7 @@ def attention_step(layer: CausalSelfAttention):
     """q, k, v, x -> a scalar that depends on the attention output and on the gate."""
 
     def step(q, k, v, x):
-        y, lse = layer.attend(q, k, v)
-        gate = layer.gate(x, q, k, lse)
-        if layer.cfg.attention != "vanilla":
-            y = y * gate.unsqueeze(-1).to(y.dtype)
+        y, gate = layer.attend_and_gate(x, q, k, v)
         return y.float().square().mean() + gate.mean()
 
     return torch.compile(step)
@@ -56,7 +54,7 @@ def time_ms(fn, inputs, warmup: int, iters: int, repeats: int) -> float:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--attention", nargs="+", default=["vanilla", "sink", "gated"])
+    parser.add_argument("--attention", nargs="+", default=list(VARIANTS))
     parser.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=KERNELS)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--heads", type=int, default=10)
@@ -76,7 +74,7 @@ def main():
     print("| variant | kernel | ms | TFLOP/s |\n|---|---|---|---|")
     for attention in args.attention:
         for kernel in args.kernels:
-            if kernel == "sdpa" and attention in LSE_GATES:
+            if kernel == "sdpa" and VARIANTS[attention].needs_lse:
                 print(f"| {attention} | {kernel} | - | no LSE: cannot give this gate |")
                 continue
             cfg = GPTConfig(n_embd=H * D, n_head=H, seq_len=T, attention=attention, backend=kernel)

@@ -25,6 +25,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.strategies import DDPStrategy
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
+from model.attention import VARIANTS  # noqa: E402
 from model.lit import SinkAwareLM  # noqa: E402
 
 CONF = Path(__file__).parents[1] / "conf"
@@ -164,7 +165,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="0.6b")
     parser.add_argument("--set", nargs="*", default=[], help="model fields over conf/model/MODEL.yaml: n_layer=2 ...")
-    parser.add_argument("--attention", nargs="+", default=["vanilla", "sink", "gated"])
+    parser.add_argument("--attention", nargs="+", default=list(VARIANTS))
     parser.add_argument("--aux", nargs="+", type=float, default=[0.0, 1e-4])
     parser.add_argument("--loops", nargs="+", default=["plain", "lightning"], choices=["plain", "lightning"])
     parser.add_argument("--batch-size", type=int, default=8, help="rows per GPU")

@@ -1,33 +1,24 @@
-"""The compact GPT (nanochat style) with three attention variants that all expose a per-head gate.
+"""The compact GPT (nanochat style) with attention variants that all expose a per-head gate.
 
 Every attention layer computes the plain softmax attention of a head, softmax(s)·V, together with the
-natural-log LSE of its scores, and turns the LSE into that head's gate G (B, H, T):
-
-    vanilla  G = 1 - A[t, 0] = 1 - exp(s[t, 0] - LSE[t])           (position 0, the BOS token, is the sink)
-    sink     G = sigmoid(LSE[t] - b_h),  O = G · softmax(s)·V       (b_h: a learnable logit with no value)
-    gated    G = sigmoid(x_t · W_theta),  O = G · softmax(s)·V      (x_t: the normed block input)
-
-Vanilla attention's output is the plain softmax output: its gate is read off, not applied. Three
-backends give softmax(s)·V: "reference", an explicit T×T softmax with its LSE (CPU, tests); "flex",
-FlexAttention with the LSE returned by the kernel (CUDA; no T×T matrix, gradients flow through LSE); and
-"sdpa", PyTorch's fused attention (cuDNN first), which returns no LSE, so only the gated variant can use
-it. "auto" is, on CUDA, flex for vanilla and sink and sdpa for gated (the faster of the two for gated in
-the measurements of docs/benchmarks.md); the reference elsewhere.
+natural-log LSE of its scores; its variant (model/attention.py: vanilla, sink, gated) turns that into the
+head's gate G (B, H, T) and, unless the gate is only read off (vanilla), multiplies the head's output by it.
+The kernel ("backend") is the explicit reference, FlexAttention or PyTorch's fused sdpa (model/attention.py);
+"auto" is, on CUDA, flex for variants whose gate needs the LSE and sdpa for the others (the faster of the two
+for gated in the measurements of docs/benchmarks.md); the reference elsewhere.
 """
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-ATTENTIONS = ("vanilla", "sink", "gated")
+from model.attention import VARIANTS, flex_causal_attention, reference_attention, sdpa_causal_attention
+
 BACKENDS = ("auto", "reference", "flex", "sdpa")
-LSE_GATES = ("vanilla", "sink")  # variants whose gate is computed from the LSE
 
 
 @dataclass
@@ -37,18 +28,18 @@ class GPTConfig:
     n_embd: int = 1280
     n_head: int = 10
     seq_len: int = 2048
-    attention: str = "vanilla"  # vanilla | sink | gated
+    attention: str = "vanilla"  # a variant of model/attention.py: vanilla | sink | gated
     backend: str = "auto"  # auto (CUDA: flex, sdpa for gated; else reference) | reference | flex | sdpa (gated only)
     rope_base: float = 10000.0
     flex_kernel_options: dict | None = None  # FlexAttention tile sizes etc. (e.g. {"USE_TMA": true}); None = torch's
     activation_checkpointing: bool = False  # recompute each block in backward: less memory (2b on 80 GB)
 
     def __post_init__(self):
-        if self.attention not in ATTENTIONS:
-            raise ValueError(f"attention={self.attention!r} is not one of {ATTENTIONS}")
+        if self.attention not in VARIANTS:
+            raise ValueError(f"attention={self.attention!r} is not one of {tuple(VARIANTS)}")
         if self.backend not in BACKENDS:
             raise ValueError(f"attention.backend={self.backend!r} is not one of {BACKENDS}")
-        if self.backend == "sdpa" and self.attention in LSE_GATES:
+        if self.backend == "sdpa" and VARIANTS[self.attention].needs_lse:
             raise ValueError(
                 f"attention.backend=sdpa returns no LSE, which the {self.attention} gate needs: use flex or auto"
             )
@@ -58,69 +49,6 @@ class GPTConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
-
-
-# ----------------------------------------------------------------------------------------------------
-# Attention kernels: (softmax(s)·V, LSE) for causal attention, shapes (B,H,T,D) and (B,H,T); sdpa gives no LSE.
-
-
-def reference_attention(q, k, v):
-    """Explicit causal softmax attention; materialises the T×T scores. The ground truth.
-
-    k and v may be longer than q (generation with a KV cache): the queries are then the last positions.
-    """
-    T, S = q.size(-2), k.size(-2)
-    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
-    causal = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
-    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))  # softmax in >= fp32 under autocast
-    scores = scores.masked_fill(~causal, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - lse.unsqueeze(-1))
-    return (probs.to(v.dtype) @ v), lse
-
-
-@lru_cache(maxsize=8)
-def _causal_block_mask(T: int, device: str):
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    return create_block_mask(lambda b, h, q, kv: q >= kv, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device)
-
-
-@lru_cache(maxsize=1)
-def _compiled_flex():
-    from torch.nn.attention.flex_attention import flex_attention
-
-    return torch.compile(flex_attention, dynamic=False)
-
-
-def flex_causal_attention(q, k, v, kernel_options=None):
-    """FlexAttention; LSE comes from the kernel (natural log, differentiable), no T×T matrix."""
-    from torch.nn.attention.flex_attention import AuxRequest, flex_attention
-
-    block_mask = _causal_block_mask(q.size(-2), str(q.device))
-    # Inside a compiled model dynamo fuses flex_attention itself; called eagerly it needs its own compile.
-    flex = flex_attention if torch.compiler.is_compiling() else _compiled_flex()
-    out, aux = flex(q, k, v, block_mask=block_mask, return_aux=AuxRequest(lse=True), kernel_options=kernel_options)
-    return out, aux.lse
-
-
-# cuDNN first (on an H100 its fwd+bwd is ~1.45x PyTorch's flash kernel), then the others as fallbacks.
-SDPA_PRIORITY = [
-    SDPBackend.CUDNN_ATTENTION,
-    SDPBackend.FLASH_ATTENTION,
-    SDPBackend.EFFICIENT_ATTENTION,
-    SDPBackend.MATH,
-]
-
-
-def sdpa_causal_attention(q, k, v):
-    """PyTorch's fused attention, cuDNN first; (output, None): no LSE."""
-    with sdpa_kernel(SDPA_PRIORITY, set_priority=True):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True), None
-
-
-# ----------------------------------------------------------------------------------------------------
-# The model.
 
 
 class RMSNorm(nn.Module):
@@ -152,10 +80,9 @@ class CausalSelfAttention(nn.Module):
         self.c_v = nn.Linear(C, C, bias=False)
         self.c_proj = nn.Linear(C, C, bias=False)
         self.qk_norm = RMSNorm()
-        if cfg.attention == "sink":
-            self.sink_logit = nn.Parameter(torch.zeros(H))  # b_h, one per head of this layer
-        if cfg.attention == "gated":
-            self.gate_proj = nn.Linear(C, H, bias=False)  # W_theta: one scalar gate per head and token
+        self.variant = VARIANTS[cfg.attention]
+        for name, make in self.variant.parameters.items():  # the gate's own: sink_logit (H,), gate_proj (C -> H)
+            setattr(self, name, make(C, H))
 
     def forward(self, x, cos, sin, head_mask=None, cache=None):
         """x: the normed block input (B, T, C). Returns (output (B, T, C), gate (B, H, T)).
@@ -170,19 +97,26 @@ class CausalSelfAttention(nn.Module):
         k = apply_rotary(self.qk_norm(k), cos[:T], sin[:T])
         if cache is not None:
             k, v = cache.extend(k, v)  # all positions so far: k[:, :, :1] is still the BOS sink of vanilla
-        y, lse = self.attend(q, k, v)
-        gate = self.gate(x, q, k, lse)
-        if self.cfg.attention != "vanilla":
-            y = y * gate.unsqueeze(-1).to(y.dtype)
+        y, gate = self.attend_and_gate(x, q, k, v)
         if head_mask is not None:
             y = y * head_mask.view(1, H, 1, 1).to(y.dtype)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.c_proj(y), gate
 
+    def attend_and_gate(self, x, q, k, v):
+        """The heads' outputs (B, H, T, D), multiplied by their gate unless the variant only reads it off, and
+        the gate (B, H, T) in fp32 (fp64 for fp64 inputs)."""
+        y, lse = self.attend(q, k, v)
+        gate = self.variant.gate(self, x, q, k, lse)
+        if self.variant.applied:
+            y = y * gate.unsqueeze(-1).to(y.dtype)
+        return y, gate
+
     def attend(self, q, k, v):
+        """softmax(s)·V (B, H, T, D) and its LSE (B, H, T), None from sdpa."""
         backend = self.cfg.backend
         if backend == "auto":
-            backend = ("flex" if self.cfg.attention in LSE_GATES else "sdpa") if q.is_cuda else "reference"
+            backend = ("flex" if self.variant.needs_lse else "sdpa") if q.is_cuda else "reference"
         if q.size(-2) != k.size(-2):  # cached generation: a few queries over the cache, no T×T matrix to avoid
             backend = "reference"
         if backend == "flex":
@@ -190,19 +124,6 @@ class CausalSelfAttention(nn.Module):
         if backend == "sdpa":
             return sdpa_causal_attention(q, k, v)
         return reference_attention(q, k, v)
-
-    def gate(self, x, q, k, lse):
-        """The gate (B, H, T) in fp32 (fp64 for fp64 inputs): from the LSE for vanilla and sink, from x for gated."""
-        kind, D = self.cfg.attention, self.cfg.head_dim
-        if kind == "gated":
-            acc = torch.promote_types(x.dtype, torch.float32)
-            return torch.sigmoid(self.gate_proj(x).to(acc)).transpose(1, 2)
-        acc = lse.dtype  # the LSE's precision (>= fp32)
-        if kind == "sink":
-            return torch.sigmoid(lse - self.sink_logit.to(acc).view(1, -1, 1))
-        sink_score = (q.to(acc) * k[:, :, :1].to(acc)).sum(-1) / math.sqrt(D)  # s[t, 0]
-        # 1 - A[t, 0], exact near 0 and 1; the clamp only removes rounding above 0 (s[t,0] <= LSE[t])
-        return -torch.expm1((sink_score - lse).clamp(max=0.0))
 
 
 class MLP(nn.Module):
@@ -269,7 +190,8 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self):
-        """nanochat-style init: uniform matrices of std 1/sqrt(fan_in), zero output projections."""
+        """nanochat-style init: uniform matrices of std 1/sqrt(fan_in), zero output projections. (A variant's own
+        gate parameters are made at zero by model/attention.py: every head starts with the same gate.)"""
         nn.init.normal_(self.wte.weight, std=1.0)
         nn.init.normal_(self.lm_head.weight, std=0.001)
         bound = math.sqrt(3.0 / self.cfg.n_embd)
@@ -279,10 +201,6 @@ class GPT(nn.Module):
                 nn.init.uniform_(lin.weight, -bound, bound)
             nn.init.zeros_(attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
-            if hasattr(attn, "gate_proj"):
-                nn.init.zeros_(attn.gate_proj.weight)  # all gates start at sigmoid(0) = 0.5
-            if hasattr(attn, "sink_logit"):
-                attn.sink_logit.zero_()
 
     def forward(self, idx, head_mask=None, cache=None):
         """idx (B, T) token ids. Returns logits (B, T, V) and gates (L, B, H, T) in fp32.

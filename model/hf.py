@@ -2,7 +2,8 @@
 
 The gates come from an attention function registered with transformers' AttentionInterface under the name
 "sink_aware". It computes the model's attention as the stock eager function does, so the logits do not
-change, and also each head's natural-log LSE over the keys it sees (DESIGN.md, "The math"):
+change, and also each head's natural-log LSE over the keys it sees, from which it takes the gate with the
+formulas of our GPT's variants (model/attention.py; DESIGN.md, "The math"):
 
     vanilla (Llama, Qwen)   G = 1 - A[t, 0] = 1 - exp(s[t, 0] - LSE[t])    key 0 (the first token) is the sink
     sink (GPT-OSS)          G = sigmoid(LSE[t] - b_h)                       b_h: the model's own sink logit
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from model.attention import attention_beside_the_sink_logit, attention_off_the_sink
 
 SINK_AWARE = "sink_aware"
 FAMILIES = ("llama", "qwen2", "qwen3", "gpt_oss")  # decoders whose attention calls the AttentionInterface
@@ -44,12 +47,11 @@ def sink_aware_attention(
     lse = torch.logsumexp(scores, dim=-1)  # (B, H, T) over the real keys
     if s_aux is None:
         probs = torch.exp(scores - lse.unsqueeze(-1))
-        # 1 - A[t, 0], exact near 0 and 1; the clamp only removes rounding above 0 (s[t, 0] <= LSE[t])
-        gate = -torch.expm1((scores[..., 0] - lse).clamp(max=0.0))
+        gate = attention_off_the_sink(scores[..., 0], lse)
     else:
         sink = s_aux.float().view(1, -1, 1)
         probs = torch.exp(scores - torch.logaddexp(lse, sink).unsqueeze(-1))  # the sink takes the rest, no value
-        gate = torch.sigmoid(lse - sink)
+        gate = attention_beside_the_sink_logit(lse, s_aux)
     if gate_store is not None:
         gate_store.append(gate)
     weights = F.dropout(probs, p=dropout, training=module.training).to(value.dtype)
@@ -181,12 +183,14 @@ def export_hf(ckpt_path: str, out_dir: str) -> None:
     weights) with the tokenizer of the model it started from: for eval, serving or the next fine-tuning."""
     from transformers import AutoTokenizer
 
-    from model.lit import SinkAwareLM
-
-    module = SinkAwareLM.load_from_checkpoint(ckpt_path, map_location="cpu")
-    if not isinstance(module.model, HFGatedLM):
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    model_cfg = checkpoint["hyper_parameters"]["model"]
+    if "hf_path" not in model_cfg:
         raise ValueError(f"{ckpt_path} is a checkpoint of our GPT, not of a model=hf run: nothing to export")
-    hf = module.model.hf
-    hf = hf.merge_and_unload() if hasattr(hf, "merge_and_unload") else hf  # a peft model: fold LoRA in
+    model = load_hf_model(**model_cfg)
+    # The weights, read here rather than through model/lit.py's LightningModule, which imports this module
+    weights = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+    model.load_state_dict(weights)
+    hf = model.hf.merge_and_unload() if hasattr(model.hf, "merge_and_unload") else model.hf  # peft: fold LoRA in
     hf.save_pretrained(out_dir)
-    AutoTokenizer.from_pretrained(module.hparams.model["hf_path"], local_files_only=True).save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(model_cfg["hf_path"], local_files_only=True).save_pretrained(out_dir)

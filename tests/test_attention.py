@@ -10,7 +10,8 @@ import math
 import pytest
 import torch
 
-from model.gpt import GPT, CausalSelfAttention, GPTConfig, apply_rotary, reference_attention, rotary_tables
+from model.attention import VARIANTS, reference_attention
+from model.gpt import GPT, CausalSelfAttention, GPTConfig, apply_rotary, rotary_tables
 
 B, T, C, H = 2, 12, 32, 4
 D = C // H
@@ -76,7 +77,7 @@ def assert_same_outputs_and_grads(ours, theirs):
         torch.testing.assert_close(mine, other, msg=name)
 
 
-@pytest.mark.parametrize("attention", ["vanilla", "sink", "gated"])
+@pytest.mark.parametrize("attention", list(VARIANTS))
 def test_reference_backend_matches_explicit_softmax(attention):
     layer = make_layer(attention).double()
     cos, sin = (t.double() for t in rotary_tables(T, D, 10000.0))
@@ -84,9 +85,9 @@ def test_reference_backend_matches_explicit_softmax(attention):
     ours = outputs_and_grads(lambda x: layer(x, cos, sin), layer, x)
     theirs = outputs_and_grads(lambda x: explicit_attention(layer, x, cos, sin), layer, x)
     assert_same_outputs_and_grads(ours, theirs)
-    if attention != "vanilla":  # gradients reach the gate's own parameters
-        gate_param = "sink_logit" if attention == "sink" else "gate_proj.weight"
-        assert ours[3][gate_param].abs().sum() > 0
+    for own in VARIANTS[attention].parameters:  # gradients reach the gate's own parameters
+        gradient = torch.cat([g.flatten() for name, g in ours[3].items() if name.split(".")[0] == own])
+        assert gradient.abs().sum() > 0, own
 
 
 def test_vanilla_gate_is_one_minus_attention_on_token_zero():
@@ -109,7 +110,7 @@ def test_sink_gate_is_sigmoid_of_lse_minus_sink_logit():
     assert gate.shape == (B, H, T) and smaller.mean() < gate.mean()
 
 
-@pytest.mark.parametrize("attention", ["vanilla", "sink", "gated"])
+@pytest.mark.parametrize("attention", list(VARIANTS))
 def test_model_returns_one_gate_per_layer_head_token(attention):
     cfg = GPTConfig(vocab_size=64, n_layer=3, n_embd=C, n_head=H, seq_len=T, attention=attention)
     logits, gates = GPT(cfg)(torch.randint(0, 64, (B, T)))
@@ -135,7 +136,7 @@ def test_bad_config_names_the_key():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (flex_attention backward)")
-@pytest.mark.parametrize("attention", ["vanilla", "sink", "gated"])
+@pytest.mark.parametrize("attention", list(VARIANTS))
 def test_flex_backend_matches_reference_on_cuda(attention):
     torch.manual_seed(0)
     cfg = dict(vocab_size=64, n_layer=1, n_embd=256, n_head=2, seq_len=256, attention=attention)
@@ -165,8 +166,9 @@ def test_flex_backend_matches_reference_on_cuda(attention):
 
 
 def test_sdpa_needs_no_lse_so_only_gated_may_use_it():
+    assert [name for name, variant in VARIANTS.items() if not variant.needs_lse] == ["gated"]
     GPTConfig(attention="gated", backend="sdpa")
-    for attention in ("vanilla", "sink"):
+    for attention in (name for name, variant in VARIANTS.items() if variant.needs_lse):
         with pytest.raises(ValueError, match=f"backend=sdpa returns no LSE, which the {attention} gate needs"):
             GPTConfig(attention=attention, backend="sdpa")
 

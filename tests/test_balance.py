@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from model.attention import VARIANTS
 from model.balance import aux_loss, coefficient_of_variation, importance, squared_cv, top_heads
 from model.gpt import GPT, GPTConfig
 
@@ -59,7 +60,7 @@ def test_aux_gradient_pushes_importance_toward_the_mean():
     assert (imp.grad[0, :3] < 0).all() and imp.grad[0, 3] > 0  # raise the small heads, lower the big one
 
 
-@pytest.mark.parametrize("attention", ["vanilla", "sink", "gated"])
+@pytest.mark.parametrize("attention", list(VARIANTS))
 def test_optimizing_aux_loss_alone_lowers_cv(attention):
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=64, n_layer=2, n_embd=64, n_head=4, seq_len=32, attention=attention))

@@ -16,6 +16,7 @@ from data.corpus import Corpus
 from data.datamodule import TextDataModule
 from data.offline import build_offline_corpus
 from data.tokenizer import ByteTokenizer
+from model.attention import VARIANTS
 from model.balance import aux_loss, importance, top_heads
 from model.lit import SinkAwareLM
 
@@ -86,7 +87,7 @@ def test_shared_set_is_top_m_of_calibration_and_kept_on_resume(tmp_path, datamod
     assert torch.equal(resumed.shared_heads, ~expected)
 
 
-@pytest.mark.parametrize("attention", ["gated", "sink"])
+@pytest.mark.parametrize("attention", [name for name, variant in VARIANTS.items() if variant.parameters])
 def test_aux_loss_gives_shared_heads_no_gradient(attention):
     """From the aux loss alone, a shared head's gate gets exactly 0 gradient in every layer, and so do its gate
     parameters (gate_proj row / sink logit) in the last layer. (In earlier layers they still reach the routed
@@ -101,7 +102,8 @@ def test_aux_loss_gives_shared_heads_no_gradient(attention):
     per_head = gates.grad.abs().sum(dim=(1, 3))  # (L, H)
     assert (per_head[shared] == 0).all() and (per_head[~shared] > 0).all()
     attn = module.model.blocks[-1].attn
-    grad = attn.gate_proj.weight.grad.abs().sum(-1) if attention == "gated" else attn.sink_logit.grad.abs()
+    own = [p for name, p in attn.named_parameters() if name.split(".")[0] in VARIANTS[attention].parameters]
+    grad = sum(p.grad.abs().reshape(attn.cfg.n_head, -1).sum(-1) for p in own)  # per head (its row / its logit)
     assert (grad[shared[-1]] == 0).all() and (grad[~shared[-1]] > 0).all()
 
 

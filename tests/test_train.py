@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from model.attention import VARIANTS
+
 
 def run_train(start_train, tmp_path, *overrides) -> tuple[int, str]:
     """`python train.py` (tiny shapes, see conftest) into tmp_path: exit code and console output."""
@@ -24,7 +26,7 @@ def metrics(run_dir: Path) -> dict[str, list[float]]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("attention", ["vanilla", "sink", "gated"])
+@pytest.mark.parametrize("attention", list(VARIANTS))
 def test_paper_setting_trains_and_learns(start_train, tmp_path, attention):
     """`python train.py attention=gated aux.lambda=1e-4` as typed (plus a tiny shape), loss falls."""
     code, output = run_train(
