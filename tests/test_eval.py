@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 import eval as eval_script
 from data.tokenizer import ByteTokenizer
 from evaluation.harness import HarnessLM, run_tasks
+from model.attention import VARIANTS
 from model.generate import generate
 from model.gpt import GPT, GPTConfig, KVCache
 from model.lit import SinkAwareLM
@@ -113,7 +114,7 @@ def random_model(attention: str) -> GPT:
     return model.eval()
 
 
-@pytest.mark.parametrize("attention", ["vanilla", "sink", "gated"])
+@pytest.mark.parametrize("attention", list(VARIANTS))
 def test_kv_cache_gives_the_full_forward_logits_and_gates_at_every_step(attention):
     model = random_model(attention)
     tokens = torch.randint(0, 64, (2, 20))
@@ -127,7 +128,7 @@ def test_kv_cache_gives_the_full_forward_logits_and_gates_at_every_step(attentio
             torch.testing.assert_close(step_gates[..., 0], full_gates[..., -1], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("attention", ["vanilla", "sink", "gated"])
+@pytest.mark.parametrize("attention", list(VARIANTS))
 def test_greedy_generation_with_the_cache_equals_recomputing_everything(attention):
     model = random_model(attention)
     idx = torch.randint(0, 64, (2, 5))
