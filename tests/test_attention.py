@@ -44,9 +44,11 @@ def explicit_attention(layer: CausalSelfAttention, x, cos, sin):
         out = probs @ v
         if cfg.attention == "vanilla":
             gate = 1 - probs[..., 0]  # the attention not spent on the sink token
-        else:
+        elif cfg.attention == "gated":
             gate = torch.sigmoid(layer.gate_proj(x)).transpose(1, 2)
             out = out * gate.unsqueeze(-1)
+        else:
+            pytest.fail(f"attention={cfg.attention}: write its gate here, independently of model/attention.py")
     return layer.c_proj(out.transpose(1, 2).reshape(B, T, C)), gate
 
 

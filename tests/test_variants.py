@@ -26,12 +26,12 @@ from model.gpt import GPT, GPTConfig
 ROOT = Path(__file__).parents[1]
 
 # The toy: every head's output scaled by sigmoid(c_h), one learned logit per layer and head, the same for all tokens.
-SCALAR = Variant(
+STATIC = Variant(
     gate=lambda layer, x, q, k, lse: torch.sigmoid(layer.head_logit).view(1, -1, 1).expand(x.size(0), -1, x.size(1)),
     needs_lse=False,
     parameters={"head_logit": lambda C, H: nn.Parameter(torch.zeros(H))},
 )
-SCALAR_CONFIG = "# sigmoid(c_h): one learned logit per layer and head\nname: scalar\nbackend: auto\n"
+STATIC_CONFIG = "# sigmoid(c_h): one learned logit per layer and head\nname: static\nbackend: auto\n"
 
 
 def test_every_variant_has_its_config_file():
@@ -40,15 +40,15 @@ def test_every_variant_has_its_config_file():
     assert all(cfg["name"] == name for name, cfg in files.items())
 
 
-def scalar_model(monkeypatch, backend: str = "reference") -> GPT:
-    monkeypatch.setitem(VARIANTS, "scalar", SCALAR)
+def static_model(monkeypatch, backend: str = "reference") -> GPT:
+    monkeypatch.setitem(VARIANTS, "static", STATIC)
     torch.manual_seed(0)
     shape = dict(vocab_size=64, n_layer=2, n_embd=32, n_head=4, seq_len=16)
-    return GPT(GPTConfig(**shape, attention="scalar", backend=backend))
+    return GPT(GPTConfig(**shape, attention="static", backend=backend))
 
 
 def test_a_registered_variant_has_its_parameters_gates_and_gradients(monkeypatch):
-    model = scalar_model(monkeypatch)
+    model = static_model(monkeypatch)
     assert [key for key in model.state_dict() if "head_logit" in key] == [f"blocks.{i}.attn.head_logit" for i in (0, 1)]
     with torch.no_grad():
         for block in model.blocks:
@@ -67,13 +67,13 @@ def test_a_registered_variant_has_its_parameters_gates_and_gradients(monkeypatch
 
 
 def test_a_variant_that_needs_no_lse_may_use_sdpa(monkeypatch):
-    reference, sdpa = scalar_model(monkeypatch), scalar_model(monkeypatch, backend="sdpa")
+    reference, sdpa = static_model(monkeypatch), static_model(monkeypatch, backend="sdpa")
     idx = torch.randint(0, 64, (2, 16))
     for ours, theirs in zip(reference(idx), sdpa(idx), strict=True):
         torch.testing.assert_close(ours, theirs)
 
 
-def run_with_scalar(*args: str) -> str:
+def run_with_static(*args: str) -> str:
     """`python SCRIPT ARGS` (train.py or eval.py) in the repository, with the toy variant registered."""
     env = {
         **os.environ,
@@ -91,12 +91,12 @@ def run_with_scalar(*args: str) -> str:
 @pytest.mark.slow
 def test_a_fourth_variant_trains_through_train_py_and_is_evaluated_by_eval_py(tmp_path):
     (tmp_path / "conf" / "attention").mkdir(parents=True)
-    (tmp_path / "conf" / "attention" / "scalar.yaml").write_text(SCALAR_CONFIG)
+    (tmp_path / "conf" / "attention" / "static.yaml").write_text(STATIC_CONFIG)
     run = tmp_path / "run"
-    run_with_scalar(
+    run_with_static(
         "train.py",
         f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
-        "attention=scalar",
+        "attention=static",
         "aux.lambda=1e-2",
         "model.n_layer=2",
         "model.n_embd=64",
@@ -118,12 +118,12 @@ def test_a_fourth_variant_trains_through_train_py_and_is_evaluated_by_eval_py(tm
     assert head_logits.abs().min() > 0  # trained: every logit moved from its start at 0
 
     evaluated = tmp_path / "eval"
-    run_with_scalar("eval.py", f"ckpt={checkpoint}", "samples=4", "ablation.samples=0", f"hydra.run.dir={evaluated}")
+    run_with_static("eval.py", f"ckpt={checkpoint}", "samples=4", "ablation.samples=0", f"hydra.run.dir={evaluated}")
     report = json.loads((evaluated / "report.json").read_text())
     torch.testing.assert_close(torch.tensor(report["importance"]), torch.sigmoid(head_logits))
 
 
 if __name__ == "__main__":
-    VARIANTS["scalar"] = SCALAR
+    VARIANTS["static"] = STATIC
     sys.argv = sys.argv[1:]
     runpy.run_path(sys.argv[0], run_name="__main__")
