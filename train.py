@@ -13,6 +13,7 @@ import os
 import secrets
 import signal
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import hydra
@@ -32,14 +33,24 @@ from model.lit import SinkAwareLM
 log = logging.getLogger("train")
 
 
-TRAIN_MODES = ("pretrain", "finetune")  # conf/mode also holds eval.py's modes (report, sample)
+def check_combination(cfg: DictConfig, choices: Mapping[str, str | None]) -> None:
+    """Options that only mean something together, checked as soon as the config is composed. choices: the chosen
+    option of each config group (HydraConfig's runtime.choices)."""
+    if cfg.aux.shared_heads and choices["mode"] != "finetune":
+        raise ValueError(
+            f"aux.shared_heads={cfg.aux.shared_heads} splits heads for Eq. 8 fine-tuning only: add mode=finetune "
+            "init_from=CKPT, or leave aux.shared_heads at 0"
+        )
+    if choices["model"] == "hf" and choices.get("attention") is not None:
+        raise ValueError(
+            f"attention={choices['attention']} does not apply to model=hf (a Hugging Face model keeps its own "
+            "attention; its gates follow from it): drop attention="
+        )
 
 
 def build(cfg: DictConfig):
     """Data, module, trainer from a composed config."""
-    mode = HydraConfig.get().runtime.choices.get("mode")
-    if mode not in TRAIN_MODES:
-        raise ValueError(f"mode={mode} is an eval.py mode; train.py takes mode={' | '.join(TRAIN_MODES)}")
+    check_combination(cfg, HydraConfig.get().runtime.choices)
     datamodule = instantiate(cfg.data)
     plain = lambda node: OmegaConf.to_container(node, resolve=True)  # noqa: E731 (no DictConfig in ckpts)
     module = SinkAwareLM(

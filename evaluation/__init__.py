@@ -1,1 +1,3 @@
-"""Evaluation pieces that eval.py loads only when used."""
+"""Evaluation as a library, under eval.py: loading (checkpoints of our GPT and of model=hf runs, data, device),
+metrics (BPB, importance, head ablation), report (one checkpoint, several, a Hugging Face model), sample (text) and
+harness (lm-evaluation-harness, imported only when tasks are asked for)."""

@@ -1,6 +1,7 @@
 """lm-evaluation-harness adapter: a checkpoint's GPT as an lm-eval model, and running harness tasks by name.
 
-Imported by eval.py only when tasks are asked for: lm-eval takes seconds to import and is not installed everywhere.
+Imported by evaluation.report only when tasks are asked for: lm-eval takes seconds to import and is not installed
+everywhere.
 """
 
 import json
@@ -21,7 +22,7 @@ class HarnessLM(TemplateLM):
     is the sink); inputs longer than the context keep BOS and their last tokens."""
 
     def __init__(self, model: GPT, tokenizer, runtime, batch_size: int = 8):
-        """runtime: eval.Runtime (device and autocast)."""
+        """runtime: evaluation.loading.Runtime (device and autocast)."""
         super().__init__()
         self.model, self.tokenizer, self.runtime, self.batch_size = model, tokenizer, runtime, batch_size
         self._device = runtime.device

@@ -1,7 +1,7 @@
 """Re-run the study of docs/study.md on this machine's GPUs: train its runs, evaluate them, rebuild the report.
 
     python scripts/study.py train [--per-gpu K] [--only a,b] [--stop-launching-after S] [--stop-after S] [OVERRIDE ..]
-    python scripts/study.py eval [OVERRIDE ...]   # eval.py compare: corpus_a validation, corpus_b, fine-tuning
+    python scripts/study.py eval [OVERRIDE ...]   # eval.py eval_mode=compare: corpus_a val., corpus_b, fine-tuning
     python scripts/study.py report                # docs/study_results.md, docs/study/*.csv|json, docs/img/study_*.png
     make study                                    # all three
 
@@ -102,8 +102,8 @@ def checkpoints(names: list[str]) -> list[str]:
 
 
 def evaluate(overrides: list[str]) -> None:
-    """eval.py compare: corpus_a's validation split (with head ablation), all of corpus_b (unseen text), and the
-    fine-tuning runs beside the run they started from."""
+    """eval.py eval_mode=compare: corpus_a's validation split (with head ablation), all of corpus_b (unseen text),
+    and the fine-tuning runs beside the run they started from."""
     data_dir = Path(os.environ.get("SINKAWARE_DATA", ROOT / ".data"))
     pretrained = checkpoints(RUNS)
     tokenizer = next((str(Path(c).parents[1] / "tokenizer.json") for c in pretrained), None)
@@ -128,7 +128,7 @@ def evaluate(overrides: list[str]) -> None:
             print(f"[study] eval {name}: no finished run, skipped", flush=True)
             continue
         target = OUT / "eval" / f"{name}_{time.strftime('%Y%m%d-%H%M%S')}"
-        command = [sys.executable, "eval.py", f"compare=[{','.join(paths)}]", *common, *extra,
+        command = [sys.executable, "eval.py", "eval_mode=compare", f"ckpts=[{','.join(paths)}]", *common, *extra,
                    f"hydra.run.dir={target}", *overrides]  # fmt: skip
         if subprocess.run(command, cwd=ROOT).returncode:
             print(f"[study] eval {name} FAILED: see {target}", flush=True)

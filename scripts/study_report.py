@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-import eval as eval_script
 from callbacks.plots import figure_to_array, importance_heatmap, save_figure
+from evaluation.report import ablation_figure, side_by_side
 
 PRETRAINED_ORDER = ["vanilla", "sink", "gated"]
 
@@ -138,7 +138,7 @@ def heatmaps(reports: list[dict], labels: list[str]) -> np.ndarray:
         shared = np.array(report["shared_heads"]) if report.get("shared_heads") else None
         title = f"{label}\nBPB {report['bpb']:.4f}"
         images.append(figure_to_array(importance_heatmap(np.array(report["importance"]), title, shared)))
-    rows = [eval_script.side_by_side(images[i : i + 5]) for i in range(0, len(images), 5)]
+    rows = [side_by_side(images[i : i + 5]) for i in range(0, len(images), 5)]
     width = max(r.shape[1] for r in rows)
     rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
     return np.concatenate(rows, axis=0)
@@ -170,7 +170,7 @@ def build_report(out: Path, docs: Path, img: Path) -> None:
     Image.fromarray(heatmaps([a[r] for r in pretrained], pretrained)).save(img / "study_heatmaps.png")
     # the three variants without the aux loss, and gated with it (the one variant whose heads are imbalanced)
     shown = [r for r in pretrained if ("lambda0.0_seed1337" in r or r.startswith("gated_")) and "ablation" in a[r]]
-    save_figure(eval_script.ablation_figure({r: a[r]["ablation"] for r in shown}), img / "study_ablation.png")
+    save_figure(ablation_figure({r: a[r]["ablation"] for r in shown}), img / "study_ablation.png")
     if evals["finetune"]:
         tuned = sorted(evals["finetune"], key=sort_key)
         finetune = heatmaps([evals["finetune"][r] for r in tuned], tuned)

@@ -1,4 +1,5 @@
-"""eval.py: BPB and importance as training measures them, the ablation curve, the KV cache, the harness adapter."""
+"""eval.py and evaluation/: BPB and importance as training measures them, the ablation curve, the KV cache, the
+harness adapter."""
 
 import json
 import os
@@ -12,9 +13,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-import eval as eval_script
 from data.tokenizer import ByteTokenizer
 from evaluation.harness import HarnessLM, run_tasks
+from evaluation.loading import Runtime, build_data, checkpoint_path, label_of, load_checkpoint
+from evaluation.metrics import ablation_masks, measure
+from evaluation.report import report
 from model.attention import VARIANTS
 from model.generate import generate
 from model.gpt import GPT, GPTConfig, KVCache
@@ -46,7 +49,7 @@ def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("trained")
     cfg = eval_config(tmp)
     model_cfg = {**TINY, "attention": "sink", "vocab_size": ByteTokenizer().vocab_size}
-    datamodule = eval_script.build_data(cfg, model_cfg)
+    datamodule = build_data(cfg, model_cfg)
     optim = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/optim/adamw.yaml"))
     aux = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/aux/default.yaml"))
     module = SinkAwareLM(model=model_cfg, optim={**optim, "warmup_steps": 1}, aux=aux)
@@ -70,8 +73,8 @@ def trained(tmp_path_factory):
 
 def test_report_bpb_importance_and_ablation_match_training(trained, tmp_path):
     cfg = eval_config(tmp_path, f"ckpt={trained['path']}")
-    runtime = eval_script.Runtime("cpu", "fp32")
-    result = eval_script.report(cfg, trained["path"], tmp_path, runtime, "tiny")
+    runtime = Runtime("cpu", "fp32")
+    result = report(cfg, trained["path"], tmp_path, runtime, "tiny")
 
     assert result["rows"] == ROWS and result["step"] == 4
     assert result["bpb"] == pytest.approx(trained["val_bpb"], rel=1e-6)  # the training-time validation BPB
@@ -89,18 +92,18 @@ def test_report_bpb_importance_and_ablation_match_training(trained, tmp_path):
 def test_importance_equals_the_modules_on_the_same_batch(trained, tmp_path):
     cfg = eval_config(tmp_path)
     module = trained["module"].eval()
-    datamodule = eval_script.build_data(cfg, module.hparams.model)
+    datamodule = build_data(cfg, module.hparams.model)
     batch = next(iter(datamodule.loader("validation")))
     with torch.no_grad():
         _, module_imp, _ = module.step(batch)
-    measured = eval_script.measure(module.model, [batch], eval_script.Runtime("cpu", "fp32"))
+    measured = measure(module.model, [batch], Runtime("cpu", "fp32"))
     torch.testing.assert_close(measured["importance"].float(), module_imp, rtol=1e-6, atol=1e-7)
 
 
 def test_ablation_masks_switch_off_the_right_heads():
     imp = torch.tensor([[0.9, 0.1, 0.5], [0.2, 0.8, 0.4]])
-    least = eval_script.ablation_masks(imp, 1, least=True)
-    most = eval_script.ablation_masks(imp, 2, least=False)
+    least = ablation_masks(imp, 1, least=True)
+    most = ablation_masks(imp, 2, least=False)
     assert least.tolist() == [[1, 0, 1], [0, 1, 1]]
     assert most.tolist() == [[0, 1, 0], [1, 0, 0]]
 
@@ -153,7 +156,7 @@ def next_byte_model(shift: int, scale: float = 10.0) -> GPT:
 
 
 def harness_lm(model: GPT) -> HarnessLM:
-    return HarnessLM(model, ByteTokenizer(), eval_script.Runtime("cpu", "fp32"), batch_size=3)
+    return HarnessLM(model, ByteTokenizer(), Runtime("cpu", "fp32"), batch_size=3)
 
 
 def write_echo_task(folder: Path) -> None:
@@ -218,7 +221,7 @@ def test_harness_rolling_loglikelihood_and_generation():
     assert lm.generate_until([Request("xa", {"until": ["e"], "max_gen_toks": 10})]) == ["bcd"]
 
 
-def test_cli_sample_hf_diagnosis_and_a_missing_checkpoint(trained, tmp_path):
+def test_cli_sample_hf_diagnosis_compare_and_a_missing_checkpoint(trained, tmp_path):
     from test_hf import save_tiny_model
 
     env = {**os.environ, "SINKAWARE_CACHE_DIR": CACHE}
@@ -231,10 +234,11 @@ def test_cli_sample_hf_diagnosis_and_a_missing_checkpoint(trained, tmp_path):
         "    except SystemExit as exit:\n"
         "        print('exit', exit.code)\n"
     )
-    sample = f"mode=sample ckpt={trained['path']} prompt=def num_samples=2 max_new_tokens=8 top_k=5 seed=1"
+    sample = f"eval_mode=sample ckpt={trained['path']} prompt=def num_samples=2 max_new_tokens=8 top_k=5 seed=1"
     missing = f"ckpt={tmp_path}/nothing.ckpt"
-    hf = f"hf_model={save_tiny_model(tmp_path / 'hf', 'llama')} samples=3"
-    runs = [f"{args} hydra.run.dir={tmp_path}/{i}" for i, args in enumerate([sample, missing, hf])]
+    hf = f"eval_mode=diagnose hf_model={save_tiny_model(tmp_path / 'hf', 'llama')} samples=3"
+    compared = f"eval_mode=compare ckpts=[{trained['path']},{trained['path']}] ablation.samples=0"
+    runs = [f"{args} hydra.run.dir={tmp_path}/{i}" for i, args in enumerate([sample, missing, hf, compared])]
     result = subprocess.run([sys.executable, "-c", code, *runs], cwd=ROOT, env=env, capture_output=True, text=True)
     output = result.stdout + result.stderr
     assert output.count("--- sample") == 2 and "\ndef" in output
@@ -245,6 +249,9 @@ def test_cli_sample_hf_diagnosis_and_a_missing_checkpoint(trained, tmp_path):
     assert hf_report["documents"] == 3 and imp.shape == (2, 4) and ((imp > 0) & (imp < 1)).all()
     assert hf_report["cv_mean"] == pytest.approx((imp.std(1, unbiased=False) / imp.mean(1)).mean().item(), rel=1e-5)
     assert (tmp_path / "2" / "importance.png").exists()
+    table = (tmp_path / "3" / "compare.md").read_text().splitlines()
+    assert len(table) == 4 and table[2].split("|")[4:] == table[3].split("|")[4:]  # the same checkpoint twice
+    assert (tmp_path / "3" / "importance_compare.png").exists() and (tmp_path / "3" / "1" / "report.json").exists()
 
 
 def test_run_name_and_bad_checkpoints_give_one_line_errors(tmp_path):
@@ -252,11 +259,11 @@ def test_run_name_and_bad_checkpoints_give_one_line_errors(tmp_path):
     last.parent.mkdir(parents=True)
     last.write_bytes(b"not a checkpoint")
     cfg = OmegaConf.create({"ckpt": None, "run": "myrun", "runs_dir": str(tmp_path)})
-    assert eval_script.checkpoint_path(cfg) == last
-    assert eval_script.label_of(last) == "myrun/last.ckpt"
+    assert checkpoint_path(cfg) == last
+    assert label_of(last) == "myrun/last.ckpt"
     with pytest.raises(ValueError, match="last.ckpt: not a readable checkpoint"):
-        eval_script.load_checkpoint(last, "auto")
+        load_checkpoint(last, "auto")
     with pytest.raises(FileNotFoundError, match="run=other: no last.ckpt under"):
-        eval_script.checkpoint_path(OmegaConf.merge(cfg, {"run": "other"}))
+        checkpoint_path(OmegaConf.merge(cfg, {"run": "other"}))
     with pytest.raises(ValueError, match="exactly one of ckpt=PATH"):
-        eval_script.checkpoint_path(OmegaConf.merge(cfg, {"run": None}))
+        checkpoint_path(OmegaConf.merge(cfg, {"run": None}))

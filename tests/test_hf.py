@@ -5,6 +5,7 @@ temporary directory and loaded from there, as a user's local model directory wou
 """
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -213,3 +214,19 @@ def test_lora_finetune_with_shared_heads_through_lightning(tmp_path):
         ours, _ = module.eval()(ids)
         exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()(ids).logits
     torch.testing.assert_close(exported, ours, atol=1e-5, rtol=1e-5)
+
+    # eval.py's report of the fine-tuned checkpoint: the loader and measures of our GPT's report, on its jsonl data.
+    from hydra import compose, initialize_config_dir
+
+    from evaluation.loading import Runtime, load_checkpoint
+    from evaluation.report import report
+
+    loaded, _ = load_checkpoint(tmp_path / "ft.ckpt", "auto")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids)[0], ours)
+    with initialize_config_dir(config_dir=str(Path(__file__).parents[1] / "conf"), version_base="1.3"):
+        overrides = ["data=jsonl_sft", f"data.corpus.path={data}", "data.batch_size=2", "samples=4"]
+        cfg = compose("eval", overrides=overrides)
+    result = report(cfg, tmp_path / "ft.ckpt", tmp_path / "report", Runtime("cpu", "fp32"), "ft")
+    assert result["rows"] == 4 and result["bpb"] > 0 and len(result["importance"]) == module.model.cfg.n_layer
+    assert result["cv_routed_mean"] >= 0 and len(result["ablation"]["k"]) == module.model.cfg.n_head + 1

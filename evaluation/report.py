@@ -1,0 +1,146 @@
+"""The reports eval.py writes: one checkpoint (BPB, importance, CV, ablation curve, harness tasks), several side by
+side, and the head-collapse diagnosis of a Hugging Face model directory. Numbers go to JSON, pictures to PNG."""
+
+import json
+import logging
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from PIL import Image
+
+from callbacks.plots import figure_to_array, importance_heatmap, save_figure
+from evaluation.loading import Runtime, build_data, label_of, load_checkpoint, require_gpt
+from evaluation.metrics import ablation_curve, measure, validation_batches
+from model.balance import coefficient_of_variation
+
+log = logging.getLogger("eval")
+
+
+def ablation_figure(curves: dict[str, dict]):
+    """BPB against heads switched off per layer; solid: least important first, dashed: most important first."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.8), dpi=100, constrained_layout=True)
+    for i, (label, curve) in enumerate(curves.items()):
+        color = f"C{i}"
+        ax.plot(curve["k"], curve["least_important"], "o-", color=color, label=f"{label}: least important off")
+        ax.plot(curve["k"], curve["most_important"], "s--", color=color, label=f"{label}: most important off")
+    ax.set_xlabel("heads switched off per layer (k)")
+    ax.set_xticks(curve["k"])
+    ax.set_ylabel("validation BPB")
+    ax.set_title("head ablation: BPB with the k least / most important heads of every layer off", fontsize=9)
+    ax.legend(fontsize=7)
+    return fig
+
+
+def report(cfg: DictConfig, path: Path, out_dir: Path, runtime: Runtime, label: str) -> dict:
+    """BPB, importance, CV, ablation curve (and harness tasks) of one checkpoint; PNGs and report.json in out_dir."""
+    model, info = load_checkpoint(path, cfg.backend)
+    model.to(runtime.device)
+    datamodule = build_data(cfg, info["model"])
+    batches = validation_batches(datamodule, cfg.samples)
+    plain = measure(model, batches, runtime)
+    imp = plain["importance"]
+    cv = coefficient_of_variation(imp)
+    result = {
+        **info,
+        "label": label,
+        "device": str(runtime.device),
+        "dtype": runtime.dtype,
+        "rows": plain["rows"],
+        "tokens": plain["tokens"],
+        "bpb": plain["bpb"],
+        "loss": plain["loss"],
+        "importance": imp.tolist(),
+        "cv": cv.tolist(),
+        "cv_mean": cv.mean().item(),
+    }
+    if info["shared_heads"]:  # fine-tuned with Eq. 8: the CV its aux loss balances, over the routed heads only
+        routed_cv = coefficient_of_variation(imp, ~torch.tensor(info["shared_heads"]))
+        result.update(cv_routed=routed_cv.tolist(), cv_routed_mean=routed_cv.mean().item())
+    log.info(
+        "%s: BPB %.4f, loss %.4f, mean CV %.3f over %d rows",
+        label,
+        plain["bpb"],
+        plain["loss"],
+        cv.mean(),
+        plain["rows"],
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shared = np.array(info["shared_heads"]) if info["shared_heads"] else None
+    save_figure(importance_heatmap(imp.numpy(), f"{label}: BPB {plain['bpb']:.3f}", shared), out_dir / "importance.png")
+    if cfg.ablation.samples > 0:
+        same_rows = cfg.ablation.samples == cfg.samples
+        ablation_batches = batches if same_rows else validation_batches(datamodule, cfg.ablation.samples)
+        result["ablation"] = ablation_curve(model, ablation_batches, runtime, imp)
+        save_figure(ablation_figure({label: result["ablation"]}), out_dir / "ablation.png")
+    if cfg.tasks:
+        from evaluation.harness import HarnessLM, run_tasks  # lm-eval: imported only when tasks are asked for
+
+        lm = HarnessLM(require_gpt(model, "tasks=[...]"), datamodule.tokenizer, runtime, cfg.harness.batch_size)
+        result["tasks"] = run_tasks(lm, cfg)
+    (out_dir / "report.json").write_text(json.dumps(result, indent=2))
+    log.info("report written to %s", out_dir)
+    return result
+
+
+def side_by_side(images: list[np.ndarray]) -> np.ndarray:
+    """Images of different heights in one row, on white."""
+    height = max(image.shape[0] for image in images)
+    padded = [np.pad(im, ((0, height - im.shape[0]), (0, 0), (0, 0)), constant_values=255) for im in images]
+    return np.concatenate(padded, axis=1)
+
+
+def compare_table(reports: list[dict]) -> str:
+    """The CV/BPB table of compare.md, one row per checkpoint."""
+    lines = ["| checkpoint | attention | step | BPB | loss | mean CV | routed CV |", "|---|---|---|---|---|---|---|"]
+    for r in reports:
+        attention, routed = r["model"].get("attention", "hf"), r.get("cv_routed_mean")
+        lines.append(
+            f"| {r['checkpoint']} | {attention} | {r['step']} | {r['bpb']:.4f} | {r['loss']:.4f} | {r['cv_mean']:.3f} "
+            f"| {'-' if routed is None else f'{routed:.3f}'} |"
+        )
+    return "\n".join(lines)
+
+
+def compare(cfg: DictConfig, paths: list[Path], out_dir: Path, runtime: Runtime) -> list[dict]:
+    """One report per checkpoint (in out_dir/<i>), then heatmaps side by side, the curves together, a table."""
+    reports = [report(cfg, path, out_dir / str(i), runtime, f"[{i}] {label_of(path)}") for i, path in enumerate(paths)]
+    heatmaps = []
+    for r in reports:
+        shared = np.array(r["shared_heads"]) if r["shared_heads"] else None
+        title = f"{r['label']}\nBPB {r['bpb']:.3f}"
+        heatmaps.append(figure_to_array(importance_heatmap(np.array(r["importance"]), title, shared)))
+    Image.fromarray(side_by_side(heatmaps)).save(out_dir / "importance_compare.png")
+    if cfg.ablation.samples > 0:
+        save_figure(ablation_figure({r["label"]: r["ablation"] for r in reports}), out_dir / "ablation_compare.png")
+    table = compare_table(reports)
+    (out_dir / "compare.md").write_text(table + "\n")
+    (out_dir / "compare.json").write_text(json.dumps(reports, indent=2))
+    log.info("comparison written to %s:\n%s", out_dir, table)
+    return reports
+
+
+def diagnose(cfg: DictConfig, out_dir: Path, runtime: Runtime) -> dict:
+    """The head-collapse diagnosis of a Hugging Face model (`hf_model=PATH`): importance over `samples` validation
+    documents of the data config (raw text, the model's own tokenizer), CV per layer, heatmap and report.json."""
+    from model.hf import hf_head_diagnosis  # transformers: imported only for a Hugging Face model
+
+    corpus = instantiate(cfg.data.corpus)
+    docs = islice(corpus.documents("validation", seed=cfg.seed), cfg.samples)
+    texts = [doc[corpus.text_column] for doc in docs]
+    dtype = "float32" if runtime.dtype == "fp32" else "bfloat16"
+    imp = hf_head_diagnosis(cfg.hf_model, texts, dtype=dtype, device=runtime.device).float()
+    cv = coefficient_of_variation(imp)
+    label = Path(cfg.hf_model).name
+    result = {"hf_model": cfg.hf_model, "documents": len(texts), "importance": imp.tolist(), "cv": cv.tolist()}
+    result["cv_mean"] = cv.mean().item()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_figure(importance_heatmap(imp.numpy(), label), out_dir / "importance.png")
+    (out_dir / "report.json").write_text(json.dumps(result, indent=2))
+    log.info("%s: mean CV %.3f over %d documents; report written to %s", label, cv.mean(), len(texts), out_dir)
+    return result
