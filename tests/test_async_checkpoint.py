@@ -18,7 +18,6 @@ from callbacks.checkpoint import (
     BackgroundCheckpointIO,
     CheckpointWriteError,
     LastCheckpoint,
-    host_copy,
     resume_checkpoint,
 )
 
@@ -206,9 +205,17 @@ def test_a_second_checkpoint_of_the_same_step_does_not_wait_for_the_first(tmp_pa
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (pinned host copies)")
-def test_host_copies_on_cuda_are_pinned_and_reused_for_the_same_step():
-    weight = torch.arange(4.0, device="cuda")
-    pinned, copies = host_copy({"w": weight, "step": 1})
-    assert pinned["w"].is_pinned() and pinned["w"].tolist() == [0.0, 1.0, 2.0, 3.0]
-    again, _ = host_copy({"w": weight}, reuse=copies)
-    assert again["w"] is pinned["w"]  # the same step's copy, taken as it is
+def test_cuda_tensors_go_to_pinned_buffers_reserved_once_and_kept(tmp_path):
+    weight = torch.zeros(1, device="cuda")
+    io = BackgroundCheckpointIO()
+    io.reserve([weight, torch.ones(2)])  # a CPU tensor needs no buffer
+    (buffer,) = io.buffers.values()
+    assert buffer.is_pinned()
+    io.save_checkpoint({"global_step": 1, "state_dict": {"weight": weight}}, tmp_path / "last.ckpt")
+    io.save_checkpoint({"global_step": 1, "state_dict": {"weight": weight}}, tmp_path / "best.ckpt")  # same step
+    weight += 10
+    io.save_checkpoint({"global_step": 2, "state_dict": {"weight": weight}}, tmp_path / "next.ckpt")
+    io.teardown()
+    assert list(io.buffers.values()) == [buffer]  # the same pinned memory at every save
+    assert saved(tmp_path / "best.ckpt") == saved(tmp_path / "last.ckpt") == (1, 0.0)
+    assert saved(tmp_path / "next.ckpt") == (2, 10.0)

@@ -7,6 +7,7 @@ import json
 import math
 import re
 import struct
+import time
 from pathlib import Path
 
 import lightning as L
@@ -107,7 +108,7 @@ def wandb_records(path: Path):
             pos += block - pos % block
             continue
         _, length, kind = struct.unpack_from("<IHB", data, pos)
-        if kind == 0:
+        if kind == 0 or pos + header + length > len(data):  # the end, or a record still being written
             break
         pending = (b"" if kind in (1, 2) else pending) + data[pos + header : pos + header + length]  # FULL/FIRST
         pos += header + length
@@ -117,10 +118,16 @@ def wandb_records(path: Path):
             yield record
 
 
-def wandb_history(run_dir: Path) -> list[dict]:
+def wandb_history(run_dir: Path, timeout: float = 60) -> list[dict]:
+    """The run's history rows, once its log ends with the exit record: W&B's service process may still be flushing
+    the file when run.finish() has returned (a read at that moment found no row of step 2, now and then)."""
     (log,) = run_dir.glob("run-*.wandb")
+    deadline = time.monotonic() + timeout
+    while not ((records := list(wandb_records(log))) and records[-1].WhichOneof("record_type") == "exit"):
+        assert time.monotonic() < deadline, f"{log} has no exit record after {timeout} s"
+        time.sleep(0.5)
     rows = []
-    for record in wandb_records(log):
+    for record in records:
         if record.WhichOneof("record_type") == "history":
             items = record.history.item
             rows.append({("/".join(i.nested_key) or i.key): json.loads(i.value_json) for i in items})
