@@ -288,6 +288,7 @@ def test_bad_input_fails_with_one_clear_line(tmp_path, monkeypatch):
     assert time.perf_counter() - started < 5  # no minutes of retries
 
 
+@pytest.mark.slow
 def test_train_py_prints_a_bad_corpus_path_without_a_traceback(tmp_path):
     env = {**os.environ, "WANDB_MODE": "disabled", "SINKAWARE_CACHE_DIR": str(tmp_path)}
     cmd = [sys.executable, "train.py", "data=local", f"data.corpus.path={tmp_path}/nowhere", "logger=csv"]

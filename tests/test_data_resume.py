@@ -4,6 +4,7 @@ loader level and through Lightning's Trainer.fit with a checkpoint (which fetche
 import lightning as L
 import pytest
 import torch
+from helpers import quiet_trainer
 from test_data import write_mirror
 
 from data.corpus import Corpus
@@ -79,16 +80,12 @@ class Recorder(L.LightningModule):
 
 def fit(corpus, num_workers: int, max_steps: int, root, ckpt_path=None) -> list[torch.Tensor]:
     module = Recorder()
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
         max_steps=max_steps,
         default_root_dir=root,
-        accelerator="cpu",
         val_check_interval=4,
         check_val_every_n_epoch=None,
         limit_val_batches=2,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=root, every_n_train_steps=max_steps, save_last=True)],
     )
     trainer.fit(module, datamodule=datamodule(corpus, num_workers), ckpt_path=ckpt_path)

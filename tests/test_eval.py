@@ -7,9 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
+from helpers import quiet_trainer
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -53,17 +53,13 @@ def trained(tmp_path_factory):
     optim = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/optim/adamw.yaml"))
     aux = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/aux/default.yaml"))
     module = SinkAwareLM(model=model_cfg, optim={**optim, "warmup_steps": 1}, aux=aux)
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
         max_steps=4,
         val_check_interval=4,
         check_val_every_n_epoch=None,
         limit_val_batches=ROWS // 4,
         num_sanity_val_steps=0,
-        logger=False,
         enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
     trainer.fit(module, datamodule=datamodule)
     path = tmp / "model.ckpt"
@@ -221,6 +217,7 @@ def test_harness_rolling_loglikelihood_and_generation():
     assert lm.generate_until([Request("xa", {"until": ["e"], "max_gen_toks": 10})]) == ["bcd"]
 
 
+@pytest.mark.slow
 def test_cli_sample_hf_diagnosis_compare_and_a_missing_checkpoint(trained, tmp_path):
     from test_hf import save_tiny_model
 

@@ -16,6 +16,7 @@ def running(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("failing_rank", [0, 1])  # 0: the process that launched the others
 def test_a_failing_rank_ends_every_rank_within_60_s(start_train, tmp_path, failing_rank):
     started = time.monotonic()

@@ -6,10 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 import yaml
+from helpers import quiet_trainer
 
 from callbacks.calibration import Calibration, load_weights
 from data.corpus import Corpus
@@ -43,13 +43,9 @@ def datamodule():
 
 
 def fit(module, datamodule, callback, steps: int, ckpt_path=None, root=None):
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
         max_steps=steps,
-        logger=False,
         enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         limit_val_batches=0,
         callbacks=[callback],
         default_root_dir=root,
@@ -132,6 +128,7 @@ def test_init_from_errors_name_the_key_and_the_fix(tmp_path):
         Calibration(None).setup(None, tiny_module(seed=6, shared_heads=3), "fit")
 
 
+@pytest.mark.slow
 def test_finetune_command_as_typed(tmp_path):
     """`python train.py mode=finetune init_from=CKPT aux.lambda=1e-2 aux.shared_heads=3` (+ a tiny shape)."""
     torch.manual_seed(7)

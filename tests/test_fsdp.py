@@ -2,13 +2,13 @@
 CPU (gloo) trains, validates, writes one full-state checkpoint file and resumes from it with the uninterrupted
 run's losses, bit for bit."""
 
-import csv
 import shutil
 from pathlib import Path
 
 import lightning.pytorch.strategies.model_parallel as model_parallel
 import pytest
 import torch
+from helpers import csv_rows
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from lightning.pytorch.accelerators import CPUAccelerator
@@ -57,8 +57,7 @@ RUN = [
 
 def metrics(run_dir: Path, key: str) -> dict[int, str]:
     """step -> value as written to the CSV (the text: compared exactly)."""
-    rows = csv.DictReader(open(run_dir / "csv" / "metrics.csv"))
-    return {int(row["step"]): row[key] for row in rows if row.get(key)}
+    return {int(row["step"]): row[key] for row in csv_rows(run_dir / "csv") if row.get(key)}
 
 
 @pytest.mark.slow

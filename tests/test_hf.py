@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import quiet_trainer
 from transformers import AutoModelForCausalLM, GptOssConfig, LlamaConfig, PreTrainedTokenizerFast, Qwen3Config
 
 from model.balance import importance
@@ -167,7 +168,6 @@ def test_chat_jsonl_is_rendered_with_the_chat_template(tmp_path):
 
 def test_lora_finetune_with_shared_heads_through_lightning(tmp_path):
     """model=hf + data=jsonl_sft + the calibration callback: m shared heads per layer, only adapters move."""
-    import lightning as L
 
     from callbacks.calibration import Calibration
     from data.datamodule import TextDataModule
@@ -187,13 +187,9 @@ def test_lora_finetune_with_shared_heads_through_lightning(tmp_path):
         aux={"lambda": 1e-2, "shared_heads": 1, "scope": "local"},
     )
     before = {n: p.detach().clone() for n, p in module.named_parameters()}
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
         max_steps=2,
-        logger=False,
         enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         limit_val_batches=0,
         callbacks=[Calibration(None, batches=2)],
         default_root_dir=tmp_path,

@@ -1,7 +1,6 @@
 """Exact resume: a training process killed by a real signal and started again logs the uninterrupted run's losses,
 bit for bit, with no step skipped or repeated; unreadable checkpoints are skipped or refused, never ignored."""
 
-import csv
 import errno
 import random
 import signal
@@ -12,6 +11,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from helpers import csv_rows, quiet_trainer
 
 from callbacks.checkpoint import (
     AtomicCheckpointIO,
@@ -33,8 +33,7 @@ RUN = [
 
 def losses(run_dir: Path) -> dict[int, str]:
     """step -> train/loss as written to the CSV (the text: compared exactly)."""
-    rows = csv.DictReader(open(run_dir / "csv" / "metrics.csv"))
-    return {int(row["step"]): row["train/loss"] for row in rows if row["train/loss"]}
+    return {int(row["step"]): row["train/loss"] for row in csv_rows(run_dir / "csv") if row["train/loss"]}
 
 
 def saved_step(path: Path) -> int:
@@ -210,12 +209,8 @@ def fit_noisy(root: Path, steps: int, keep_random_state: bool, ckpt_path=None) -
     L.seed_everything(0)
     module = Noisy()
     callbacks = [LastCheckpoint(str(root), every_n_train_steps=3, requeue_signals=[])]
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
         max_steps=steps,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=callbacks + ([RandomState()] if keep_random_state else []),
     )
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(range(100)), ckpt_path=ckpt_path)

@@ -1,10 +1,9 @@
 """train.py end to end on the CPU: the documented commands work, bad overrides fail clearly."""
 
-import csv
 import math
-from pathlib import Path
 
 import pytest
+from helpers import csv_metrics
 
 from model.attention import VARIANTS
 
@@ -13,16 +12,6 @@ def run_train(start_train, tmp_path, *overrides) -> tuple[int, str]:
     """`python train.py` (tiny shapes, see conftest) into tmp_path: exit code and console output."""
     process = start_train("logger=csv", f"hydra.run.dir={tmp_path}", *overrides)
     return process.wait(timeout=600), process.read_output()
-
-
-def metrics(run_dir: Path) -> dict[str, list[float]]:
-    rows = list(csv.DictReader(open(next(run_dir.rglob("metrics.csv")))))
-    out: dict[str, list[float]] = {}
-    for row in rows:
-        for key, value in row.items():
-            if value:
-                out.setdefault(key, []).append(float(value))
-    return out
 
 
 @pytest.mark.slow
@@ -39,11 +28,12 @@ def test_paper_setting_trains_and_learns(start_train, tmp_path, attention):
         "trainer.log_every_n_steps=5",
     )
     assert code == 0, output[-3000:]
-    m = metrics(tmp_path)
+    m = csv_metrics(tmp_path)
     assert m["val/loss"][-1] < 0.75 * math.log(320), m["val/loss"]  # well below the uniform-prediction loss
     assert m["train/aux_loss"][-1] > 0  # the aux loss is on and measured
 
 
+@pytest.mark.slow
 def test_typo_in_a_key_is_a_clear_hydra_error(start_train, tmp_path):
     code, output = run_train(start_train, tmp_path, "aux.lamda=1e-4")
     assert code != 0
@@ -51,12 +41,14 @@ def test_typo_in_a_key_is_a_clear_hydra_error(start_train, tmp_path):
     assert "Traceback" not in output
 
 
+@pytest.mark.slow
 def test_unknown_choice_lists_the_available_ones(start_train, tmp_path):
     code, output = run_train(start_train, tmp_path, "attention=softmax")
     assert code != 0
     assert "Could not find 'attention/softmax'" in output and "gated" in output
 
 
+@pytest.mark.slow
 def test_bad_value_names_the_key_without_a_traceback(start_train, tmp_path):
     code, output = run_train(start_train, tmp_path, "aux.scope=everywhere")
     assert code == 1
@@ -64,6 +56,7 @@ def test_bad_value_names_the_key_without_a_traceback(start_train, tmp_path):
     assert "Traceback" not in output
 
 
+@pytest.mark.slow
 def test_runs_with_our_checkpoint_callbacks_switched_off(start_train, tmp_path):
     """Lightning then adds its own ModelCheckpoint, whose directory is unknown until fit: not a resume source."""
     code, output = run_train(

@@ -2,7 +2,6 @@
 the same number of validation batches, a split too small for some rank fails before the first training step, and
 validation makes no collective of its own. Also: dataloader workers by default on a GPU."""
 
-import csv
 import datetime
 import types
 from pathlib import Path
@@ -12,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import csv_rows, quiet_trainer
 from hydra import compose, initialize_config_dir
 from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
 from test_data import batches, fineweb_rows
@@ -106,9 +106,9 @@ class Steps(L.LightningModule):
 def test_a_split_with_no_row_for_a_rank_fails_before_the_first_step(tmp_path, split, docs_per_file, seq_len):
     data = datamodule(write_short_corpus(tmp_path / "corpus", docs_per_file), seq_len=seq_len, num_workers=2)
     module = Steps()
-    trainer = L.Trainer(
-        accelerator="cpu", max_steps=5, limit_val_batches=2, val_check_interval=2, check_val_every_n_epoch=None,
-        default_root_dir=tmp_path, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+    trainer = quiet_trainer(
+        max_steps=5, limit_val_batches=2, val_check_interval=2, check_val_every_n_epoch=None, default_root_dir=tmp_path,
+        enable_checkpointing=False,
     )  # fmt: skip
     with pytest.raises(ValueError, match=f"the {split} split is too small") as err:
         trainer.fit(module, datamodule=data)
@@ -140,6 +140,7 @@ def test_workers_auto_is_four_on_a_gpu_trainer_and_none_on_the_cpu(short_corpus)
 # --- two ranks through train.py -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_two_ranks_four_workers_validate_the_same_batches_on_a_small_split(start_train, short_corpus, tmp_path):
     """The issue's run: 2 gloo ranks x 4 workers on 200 short documents in 8 files, a validation every 10 steps."""
     data = datamodule(short_corpus)
@@ -155,10 +156,11 @@ def test_two_ranks_four_workers_validate_the_same_batches_on_a_small_split(start
     assert code == 0, job.read_output()[-3000:]
     per_rank = [(tmp_path / f"val_batches_rank{r}.txt").read_text().split() for r in (0, 1)]
     assert per_rank[0] == per_rank[1] == [str(min(available))] * 3
-    rows = list(csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))))
+    rows = csv_rows(tmp_path)
     assert [int(row["step"]) for row in rows if row.get("val/bpb")] == [9, 19, 29]
 
 
+@pytest.mark.slow
 def test_two_ranks_with_no_validation_row_stop_before_training(start_train, short_corpus, tmp_path):
     job = start_train(
         "data=local", f"data.corpus.path={short_corpus}", "data.num_workers=4", "trainer.devices=2",
