@@ -11,6 +11,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from helpers import quiet_trainer
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
@@ -47,12 +48,8 @@ class Counting(L.LightningModule):
 
 def fit(root: Path, steps: int, module=None, requeue_signals=(), **cadence) -> Counting:
     module = module or Counting()
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
         max_steps=steps,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=[LastCheckpoint(str(root), requeue_signals=list(requeue_signals), **cadence)],
         plugins=[BackgroundCheckpointIO()],
     )

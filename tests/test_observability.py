@@ -2,7 +2,6 @@
 scalars, BPB, losses, lr and throughput with the values of a known model state; heatmaps land where the
 collapsed head is; the configs instantiate."""
 
-import csv
 import json
 import math
 import re
@@ -10,11 +9,11 @@ import struct
 import time
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import csv_metrics, quiet_trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from PIL import Image
@@ -51,8 +50,7 @@ def fixed_batches(n: int = STEPS) -> list[dict]:
 
 def fit(module, tmp_path, logger, callbacks, log_every=2, steps=STEPS, validate=True, ckpt_path=None):
     batches = fixed_batches(steps)
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
         max_steps=steps,
         log_every_n_steps=log_every,
         logger=logger,
@@ -61,7 +59,6 @@ def fit(module, tmp_path, logger, callbacks, log_every=2, steps=STEPS, validate=
         num_sanity_val_steps=0,
         enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
         enable_progress_bar=any(isinstance(c, ProgressBar) for c in callbacks),
-        enable_model_summary=False,
         default_root_dir=tmp_path,
     )
     loader = torch.utils.data.DataLoader(batches, batch_size=None)  # the batches as they are, in order
@@ -177,21 +174,12 @@ def test_wandb_offline_run_reads_back_with_the_values_of_the_model(tmp_path, mon
     assert any("val/bpb" in r and "val/loss" in r for r in rows)
 
 
-def read_csv(path: Path) -> dict[str, list[float]]:
-    out: dict[str, list[float]] = {}
-    for row in csv.DictReader(open(path)):
-        for key, value in row.items():
-            if value:
-                out.setdefault(key, []).append(float(value))
-    return out
-
-
 def test_csv_carries_every_metric_and_mfu_uses_the_given_peak(tmp_path):
     module = tiny_module("vanilla")
     bar = ProgressBar()
     callbacks = [HeadBalanceMonitor(), SpeedMonitor(warmup_steps=1, peak_flops=1e12), LearningRateMonitor(), bar]
     trainer, batches = fit(module, tmp_path, CSVLogger(tmp_path, name="csv", version=""), callbacks)
-    m = read_csv(tmp_path / "csv" / "metrics.csv")
+    m = csv_metrics(tmp_path / "csv")
     for key in ("train/loss", "train/aux_loss", "train/bpb", "val/loss", "val/bpb", "lr-AdamW/pg1", "heads/cv/L01"):
         assert key in m, key
     assert m["heads/importance/L01/H03"][-1] == pytest.approx(expected_importance(module, batches[2:])[1, 3].item())
@@ -250,7 +238,7 @@ def test_collapsed_model_has_cv_sqrt_h_minus_1_and_bright_cells_at_its_head(tmp_
     module = collapsed_module(collapse=True)
     module.shared_heads[1, COLLAPSED_HEAD] = True  # as fine-tuning would mark it: outlined, routed CV apart
     fit(module, tmp_path, CSVLogger(tmp_path, name="csv", version=""), [HeadBalanceMonitor()], validate=False)
-    m = read_csv(tmp_path / "csv" / "metrics.csv")
+    m = csv_metrics(tmp_path / "csv")
     for layer in range(2):
         assert m[f"heads/cv/L{layer:02d}"][-1] == pytest.approx(math.sqrt(N_HEAD - 1), rel=1e-5)
     assert m["heads/cv_routed/L00"][-1] == pytest.approx(math.sqrt(N_HEAD - 1), rel=1e-5)  # no shared head in L00
@@ -270,7 +258,7 @@ def test_collapsed_model_has_cv_sqrt_h_minus_1_and_bright_cells_at_its_head(tmp_
 
 def test_balanced_model_has_cv_zero(tmp_path):
     fit(collapsed_module(collapse=False), tmp_path, CSVLogger(tmp_path, name="csv", version=""), [HeadBalanceMonitor()])
-    m = read_csv(tmp_path / "csv" / "metrics.csv")
+    m = csv_metrics(tmp_path / "csv")
     assert m["heads/cv_mean"] == pytest.approx([0.0, 0.0], abs=1e-7)
     assert m["heads/importance/L01/H03"][-1] == pytest.approx(0.5)
 
@@ -303,6 +291,7 @@ def test_cv_curve_history_survives_a_resume(tmp_path):
     assert resumed.history_steps == [2, 4, 6]
 
 
+@pytest.mark.slow
 def test_without_a_terminal_progress_is_one_plain_line_per_logging_interval(start_train, tmp_path):
     run = start_train(
         "logger=csv",
