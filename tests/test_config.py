@@ -74,6 +74,14 @@ def test_every_documented_command_composes(entry, overrides):
         checked(entry, *run)
 
 
+@pytest.mark.parametrize(
+    "experiment",
+    [f"{p.parent.name}/{p.stem}" for p in sorted((ROOT / "conf/experiment").glob("*/*.yaml")) if p.stem != "base"],
+)
+def test_every_experiment_passes_the_check(experiment):
+    checked("train", f"experiment={experiment}")
+
+
 def test_shared_heads_without_finetuning_is_refused():
     with pytest.raises(ValueError, match=r"^aux.shared_heads=2 .* add mode=finetune init_from=CKPT"):
         checked("train", "aux.shared_heads=2")
