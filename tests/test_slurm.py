@@ -297,3 +297,4 @@ def test_the_slurm_launcher_config_follows_the_trainer():
     assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
     assert (launcher.partition, launcher.gpus_per_node, launcher.tasks_per_node) == ("gpu", 4, 4)
     assert launcher.max_num_timeout > 0 and launcher.signal_delay_s >= 60  # requeues on by default
+    assert "export SLURM_KILL_BAD_EXIT=1" in launcher.setup  # srun ends every task when one fails
