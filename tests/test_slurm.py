@@ -266,6 +266,8 @@ def test_hydra_submitit_sweep_runs_both_jobs_and_requeues_them_through_submitit(
     assert probe(job_dirs[0])[1] == reference["single"]  # the vanilla job is the reference's config
     logs = [p.read_text() for p in sweep_dir.glob(".submitit/*/*_0_log.out")]
     assert len(logs) == 2 and all("Caught signal SIGUSR2" in log and "Requeued job" in log for log in logs)
+    (script,) = {p.read_text() for p in sweep_dir.glob(".submitit/*/*_submission.sh")}  # one script per array
+    assert "export SLURM_KILL_BAD_EXIT=1" in script.split("srun")[0]  # srun ends every task when one fails
 
 
 class FakeTrainer:
@@ -297,4 +299,3 @@ def test_the_slurm_launcher_config_follows_the_trainer():
     assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
     assert (launcher.partition, launcher.gpus_per_node, launcher.tasks_per_node) == ("gpu", 4, 4)
     assert launcher.max_num_timeout > 0 and launcher.signal_delay_s >= 60  # requeues on by default
-    assert "export SLURM_KILL_BAD_EXIT=1" in launcher.setup  # srun ends every task when one fails
