@@ -100,8 +100,9 @@ class BackgroundCheckpointIO(AtomicCheckpointIO):
         gathers them into host memory itself."""
         start, pinned = time.perf_counter(), 0
         for tensor in tensors:
-            if tensor.is_cuda and not isinstance(tensor, DTensor) and tensor_key(tensor) not in self.buffers:
-                self.buffers[tensor_key(tensor)] = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            key = tensor_key(tensor)
+            if tensor.is_cuda and not isinstance(tensor, DTensor) and key not in self.buffers:
+                self.buffers[key] = pinned_like(tensor)
                 pinned += tensor.nbytes
         if pinned:
             seconds = time.perf_counter() - start
@@ -177,7 +178,7 @@ def host_copy(checkpoint: dict, buffers: dict, filled: set) -> dict:
             return tensor.detach().to("cpu", copy=True)
         key = tensor_key(tensor)
         if key not in buffers:
-            buffers[key] = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            buffers[key] = pinned_like(tensor)
         if key not in filled:
             buffers[key].copy_(tensor.detach(), non_blocking=True)
             filled.add(key)
@@ -188,6 +189,10 @@ def host_copy(checkpoint: dict, buffers: dict, filled: set) -> dict:
     for gpu in gpus:
         torch.cuda.synchronize(gpu)  # the copies are complete before the writer reads them
     return snapshot
+
+
+def pinned_like(tensor: torch.Tensor) -> torch.Tensor:
+    return torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
 
 
 def tensors_in(collection) -> list[torch.Tensor]:
