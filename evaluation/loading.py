@@ -87,8 +87,8 @@ def require_gpt(model: GatedLM, what: str) -> GPT:
     """Sampling and harness tasks decode over our GPT's KV cache: a one-line error for a Hugging Face model."""
     if not isinstance(model, GPT):
         raise ValueError(
-            f"{what} runs this project's GPT only: export a model=hf checkpoint with model.hf.export_hf and use "
-            "transformers (or lm-eval's hf model) for it"
+            f"{what} runs this project's GPT only: export a model=hf checkpoint with evaluation.export.export_hf and "
+            "use transformers (or lm-eval's hf model) for it"
         )
     return model
 

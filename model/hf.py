@@ -176,21 +176,3 @@ def hf_head_diagnosis(path: str, texts: list[str], max_tokens: int = 512, dtype:
     if total is None:
         raise ValueError("hf_head_diagnosis: no texts given")
     return (total / len(texts)).cpu()
-
-
-def export_hf(ckpt_path: str, out_dir: str) -> None:
-    """A checkpoint of a model=hf run of train.py -> a Hugging Face model directory (LoRA merged into the
-    weights) with the tokenizer of the model it started from: for eval, serving or the next fine-tuning."""
-    from transformers import AutoTokenizer
-
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    model_cfg = checkpoint["hyper_parameters"]["model"]
-    if "hf_path" not in model_cfg:
-        raise ValueError(f"{ckpt_path} is a checkpoint of our GPT, not of a model=hf run: nothing to export")
-    model = load_hf_model(**model_cfg)
-    # The weights, read here rather than through model/lit.py's LightningModule, which imports this module
-    weights = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
-    model.load_state_dict(weights)
-    hf = model.hf.merge_and_unload() if hasattr(model.hf, "merge_and_unload") else model.hf  # peft: fold LoRA in
-    hf.save_pretrained(out_dir)
-    AutoTokenizer.from_pretrained(model_cfg["hf_path"], local_files_only=True).save_pretrained(out_dir)

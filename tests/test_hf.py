@@ -201,7 +201,7 @@ def test_lora_finetune_with_shared_heads_through_lightning(tmp_path):
     assert any("lora_A" in n for n in moved)  # lora_B starts at 0; after two steps both have moved
 
     # export_hf: the fine-tuned model as a plain Hugging Face directory (LoRA merged) gives the same logits.
-    from model.hf import export_hf
+    from evaluation.export import export_hf
 
     trainer.save_checkpoint(tmp_path / "ft.ckpt")
     export_hf(str(tmp_path / "ft.ckpt"), str(tmp_path / "exported"))
