@@ -6,7 +6,6 @@ evaluated by eval.py.
 the way a test's variant reaches a subprocess.
 """
 
-import csv
 import json
 import os
 import runpy
@@ -18,6 +17,7 @@ import pytest
 import torch
 import torch.nn as nn
 import yaml
+from helpers import csv_metrics
 
 from model.attention import VARIANTS, Variant
 from model.balance import aux_loss, importance
@@ -108,8 +108,7 @@ def test_a_fourth_variant_trains_through_train_py_and_is_evaluated_by_eval_py(tm
         "logger=csv",
         f"hydra.run.dir={run}",
     )
-    rows = list(csv.DictReader(open(next(run.rglob("metrics.csv")))))
-    logged = [float(row["heads/importance/L01/H03"]) for row in rows if row.get("heads/importance/L01/H03")]
+    logged = csv_metrics(run)["heads/importance/L01/H03"]
     assert logged and all(0 < value < 1 for value in logged)
 
     checkpoint = run / "checkpoints" / "last.ckpt"
