@@ -40,6 +40,14 @@ def aux_loss(imp: torch.Tensor, weight: float, shared: torch.Tensor | None = Non
     return weight * (n_routed * squared_cv(imp, routed)).sum()
 
 
+def sink_ratio(imp: torch.Tensor, threshold: float = 0.3) -> torch.Tensor:
+    """Per layer, the share of heads whose mean attention on the sink exceeds `threshold` (Gu et al., ICLR 2025):
+    imp (L, H) -> (L,). The attention a head puts on the sink is 1 - G (vanilla: on the first token; sink: on the
+    sink logit), so a head sinks when its importance is below 1 - threshold; for gated attention this is the share
+    of heads whose mean gate is below 0.7 at the default threshold."""
+    return (imp < 1 - threshold).to(imp.dtype).mean(dim=-1)
+
+
 def top_heads(imp: torch.Tensor, m: int) -> torch.Tensor:
     """The m most important heads of each layer as a (L, H) bool mask: the shared heads of Eq. 8."""
     shared = torch.zeros_like(imp, dtype=torch.bool)

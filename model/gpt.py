@@ -19,6 +19,8 @@ import torch.utils.checkpoint
 from model.attention import VARIANTS, flex_causal_attention, reference_attention, sdpa_causal_attention
 
 BACKENDS = ("auto", "reference", "flex", "sdpa")
+QK_NORMS = ("rms", "rms_gain", "none")  # parameter-free RMSNorm (nanochat) | RMSNorm with a learned gain (Qwen3) | none
+FP8_RECIPES = (None, "tensorwise", "rowwise")  # torchao float8 training recipes (model/fp8.py); None = bf16
 
 
 @dataclass
@@ -33,8 +35,17 @@ class GPTConfig:
     rope_base: float = 10000.0
     flex_kernel_options: dict | None = None  # FlexAttention tile sizes etc. (e.g. {"USE_TMA": true}); None = torch's
     activation_checkpointing: bool = False  # recompute each block in backward: less memory (2b on 80 GB)
+    qk_norm: str = "rms"  # rms | rms_gain | none: the normalisation of q and k before the rotary embedding
+    fp8: str | None = None  # None (bf16) | tensorwise | rowwise: float8 matmuls through torchao (model/fp8.py)
 
     def __post_init__(self):
+        for key in ("n_layer", "n_embd", "n_head", "seq_len", "vocab_size"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) <= 0:
+                raise ValueError(f"model.{key}={getattr(self, key)!r} must be a positive integer")
+        if self.qk_norm not in QK_NORMS:
+            raise ValueError(f"model.qk_norm={self.qk_norm!r} is not one of {QK_NORMS}")
+        if self.fp8 not in FP8_RECIPES:
+            raise ValueError(f"model.fp8={self.fp8!r} is not one of {FP8_RECIPES} (null: bf16)")
         if self.attention not in VARIANTS:
             raise ValueError(f"attention={self.attention!r} is not one of {tuple(VARIANTS)}")
         if self.backend not in BACKENDS:
@@ -45,6 +56,11 @@ class GPTConfig:
             )
         if self.n_embd % self.n_head:
             raise ValueError(f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}")
+        if self.head_dim % 2:
+            raise ValueError(
+                f"model.n_embd / model.n_head = {self.n_embd} / {self.n_head} = {self.head_dim}: the rotary embedding "
+                "needs an even head dimension; pick n_embd and n_head so that n_embd / n_head is even"
+            )
 
     @property
     def head_dim(self) -> int:

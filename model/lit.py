@@ -66,7 +66,10 @@ class SinkAwareLM(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.model = build_model(model)
-        self.aux_weight = float(aux["lambda"])
+        try:
+            self.aux_weight = float(aux["lambda"])
+        except (TypeError, ValueError):
+            raise ValueError(f"aux.lambda={aux['lambda']!r} is not a number: give e.g. aux.lambda=1e-4") from None
         if self.aux_weight < 0:
             raise ValueError(f"aux.lambda={self.aux_weight} must be >= 0")
         if aux["scope"] not in AUX_SCOPES:
