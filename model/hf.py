@@ -3,7 +3,7 @@
 The gates come from an attention function registered with transformers' AttentionInterface under the name
 "sink_aware". It computes the model's attention as the stock eager function does, so the logits do not
 change, and also each head's natural-log LSE over the keys it sees, from which it takes the gate with the
-formulas of our GPT's variants (model/attention.py; DESIGN.md, "The math"):
+formulas of our GPT's variants (model/attention.py; docs/math.md):
 
     vanilla (Llama, Qwen)   G = 1 - A[t, 0] = 1 - exp(s[t, 0] - LSE[t])    key 0 (the first token) is the sink
     sink (GPT-OSS)          G = sigmoid(LSE[t] - b_h)                       b_h: the model's own sink logit

@@ -11,7 +11,7 @@
 #                                        nothing binds tasks to cores here
 #   SLURM_LOCAL_ACCOUNTING=0             no slurmdbd + MariaDB: faster, but no `sacct`, and submitit (hydra/launcher=
 #                                        slurm) then never notices a job that ends without a result (scancel, timeout)
-# Traps this config avoids (../shared/notes/slurm.md): a requeued job waits cred_expire+1 s (default 121 s) before it
+# Traps this config avoids (docs/slurm.md): a requeued job waits cred_expire+1 s (default 121 s) before it
 # may start again, and the scheduler's default 60 s / 30 s passes add up to that; memory as a consumable resource
 # gives every job the whole node.
 set -euo pipefail

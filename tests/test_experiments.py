@@ -56,7 +56,7 @@ def test_paper_runs_state_batch_and_budget(experiment):
         * cfg.model.seq_len
     )  # fmt: skip
     assert step_tokens == 2**20
-    params = {"paper/0.6b": 0.56e9, "paper/1b": 1.08e9, "paper/2b": 1.88e9}[experiment]  # DESIGN.md's table
+    params = {"paper/0.6b": 0.56e9, "paper/1b": 1.08e9, "paper/2b": 1.88e9}[experiment]  # docs/architecture.md
     assert 19 <= cfg.trainer.max_steps * step_tokens / params <= 23  # ~20 tokens per parameter
     assert cfg.data.tokenizer.vocab_size == 65536 and cfg.data.corpus.path == "HuggingFaceFW/fineweb-edu"
     assert cfg.run == "paper/" + experiment.split("/")[1] + "_gated_lambda0.0001"

@@ -1,4 +1,4 @@
-"""The named model sizes have the parameter counts of DESIGN.md (built on the meta device: no memory)."""
+"""The named model sizes have the parameter counts of docs/architecture.md's table (built on the meta device)."""
 
 from pathlib import Path
 
