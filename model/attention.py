@@ -1,7 +1,7 @@
 """Attention kernels and the attention variants: one entry of VARIANTS per variant, nothing elsewhere.
 
 Every attention layer computes the plain softmax attention of a head, softmax(s)·V, together with the
-natural-log LSE of its scores, and its variant gives that head's gate G (B, H, T) (DESIGN.md, "The math"):
+natural-log LSE of its scores, and its variant gives that head's gate G (B, H, T) (docs/math.md):
 
     vanilla  G = 1 - A[t, 0] = 1 - exp(s[t, 0] - LSE[t])           (position 0, the BOS token, is the sink)
     sink     G = sigmoid(LSE[t] - b_h),  O = G · softmax(s)·V       (b_h: a learnable logit with no value)

@@ -1,4 +1,4 @@
-"""Head balancing: importance, coefficient of variation and the auxiliary loss (DESIGN.md, "The math").
+"""Head balancing: importance, coefficient of variation and the auxiliary loss (docs/math.md).
 
     Imp[l, h] = mean of G[l, :, h, t] over the batch and query positions t >= 1
     CV[l]     = std_h(Imp[l]) / mean_h(Imp[l])                        (population std)

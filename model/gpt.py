@@ -68,10 +68,22 @@ class GPTConfig:
 
 
 class RMSNorm(nn.Module):
-    """Parameter-free RMSNorm, as in nanochat."""
+    """RMSNorm over the last dimension: parameter-free as in nanochat, or with a learned per-dimension gain (dim given),
+    as Qwen3 normalises q and k. The gain starts at 1; being 1-D, it gets no weight decay (model/lit.py)."""
+
+    def __init__(self, dim: int | None = None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim)) if dim else None
 
     def forward(self, x):
-        return F.rms_norm(x, (x.size(-1),))
+        return F.rms_norm(x, (x.size(-1),), self.weight)
+
+
+def make_qk_norm(kind: str, head_dim: int) -> nn.Module:
+    """model.qk_norm: rms | rms_gain | none (LLaMA: raw q and k, so scores are unbounded)."""
+    if kind == "none":
+        return nn.Identity()
+    return RMSNorm(head_dim if kind == "rms_gain" else None)
 
 
 def rotary_tables(seq_len: int, head_dim: int, base: float):
@@ -95,7 +107,8 @@ class CausalSelfAttention(nn.Module):
         self.c_k = nn.Linear(C, C, bias=False)
         self.c_v = nn.Linear(C, C, bias=False)
         self.c_proj = nn.Linear(C, C, bias=False)
-        self.qk_norm = RMSNorm()
+        self.q_norm = make_qk_norm(cfg.qk_norm, cfg.head_dim)  # two modules: with rms_gain each has its own gain
+        self.k_norm = make_qk_norm(cfg.qk_norm, cfg.head_dim)
         self.variant = VARIANTS[cfg.attention]
         for name, make in self.variant.parameters.items():  # the gate's own: sink_logit (H,), gate_proj (C -> H)
             setattr(self, name, make(C, H))
@@ -108,9 +121,8 @@ class CausalSelfAttention(nn.Module):
         """
         B, T, C = x.shape
         H, D = self.cfg.n_head, self.cfg.head_dim
-        q, k, v = (proj(x).view(B, T, H, D).transpose(1, 2) for proj in (self.c_q, self.c_k, self.c_v))
-        q = apply_rotary(self.qk_norm(q), cos[:T], sin[:T])
-        k = apply_rotary(self.qk_norm(k), cos[:T], sin[:T])
+        q, k = self.rotated_qk(x, cos, sin)
+        v = self.c_v(x).view(B, T, H, D).transpose(1, 2)
         if cache is not None:
             k, v = cache.extend(k, v)  # all positions so far: k[:, :, :1] is still the BOS sink of vanilla
         y, gate = self.attend_and_gate(x, q, k, v)
@@ -118,6 +130,16 @@ class CausalSelfAttention(nn.Module):
             y = y * head_mask.view(1, H, 1, 1).to(y.dtype)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.c_proj(y), gate
+
+    def rotated_qk(self, x, cos, sin):
+        """The queries and keys (B, H, T, D) of the normed block input x (B, T, C), normed (model.qk_norm) and
+        rotated: the scores are q·kᵀ/√D. Separate from forward so that evaluation can rebuild the attention matrix."""
+        B, T, C = x.shape
+        H, D = self.cfg.n_head, self.cfg.head_dim
+        q, k = (proj(x).view(B, T, H, D).transpose(1, 2) for proj in (self.c_q, self.c_k))
+        q = apply_rotary(self.q_norm(q), cos[:T], sin[:T])
+        k = apply_rotary(self.k_norm(k), cos[:T], sin[:T])
+        return q, k
 
     def attend_and_gate(self, x, q, k, v):
         """The heads' outputs (B, H, T, D), multiplied by their gate unless the variant only reads it off, and
@@ -207,7 +229,8 @@ class GPT(nn.Module):
     @torch.no_grad()
     def reset_parameters(self):
         """nanochat-style init: uniform matrices of std 1/sqrt(fan_in), zero output projections. (A variant's own
-        gate parameters are made at zero by model/attention.py: every head starts with the same gate.)"""
+        gate parameters are made at zero by model/attention.py: every head starts with the same gate.) The q/k norm
+        gains (model.qk_norm=rms_gain) start at 1: the plain RMSNorm."""
         nn.init.normal_(self.wte.weight, std=1.0)
         nn.init.normal_(self.lm_head.weight, std=0.001)
         bound = math.sqrt(3.0 / self.cfg.n_embd)
@@ -216,6 +239,9 @@ class GPT(nn.Module):
             for lin in (attn.c_q, attn.c_k, attn.c_v, block.mlp.c_fc):
                 nn.init.uniform_(lin.weight, -bound, bound)
             nn.init.zeros_(attn.c_proj.weight)
+            for norm in (attn.q_norm, attn.k_norm):
+                if getattr(norm, "weight", None) is not None:
+                    nn.init.ones_(norm.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
 
     def forward(self, idx, head_mask=None, cache=None):

@@ -11,27 +11,38 @@ import pytest
 import torch
 
 from model.attention import VARIANTS, reference_attention
-from model.gpt import GPT, CausalSelfAttention, GPTConfig, apply_rotary, rotary_tables
+from model.gpt import GPT, QK_NORMS, CausalSelfAttention, GPTConfig, apply_rotary, rotary_tables
 
 B, T, C, H = 2, 12, 32, 4
 D = C // H
+ALL = [(attention, qk_norm) for attention in VARIANTS for qk_norm in QK_NORMS]
 
 
-def make_layer(attention: str, backend: str = "reference", seed: int = 0):
+def make_layer(attention: str, backend: str = "reference", seed: int = 0, qk_norm: str = "rms"):
     torch.manual_seed(seed)
-    cfg = GPTConfig(vocab_size=64, n_layer=1, n_embd=C, n_head=H, seq_len=T, attention=attention, backend=backend)
+    cfg = GPTConfig(
+        vocab_size=64, n_layer=1, n_embd=C, n_head=H, seq_len=T, attention=attention, backend=backend, qk_norm=qk_norm
+    )
     layer = CausalSelfAttention(cfg)
-    for p in layer.parameters():  # random everything, incl. sink logits and gate weights
+    for p in layer.parameters():  # random everything, incl. sink logits, gate weights and q/k norm gains
         torch.nn.init.normal_(p, std=0.5)
     return layer
+
+
+def explicit_qk_norm(layer: CausalSelfAttention, name: str, x):
+    """x / rms(x), times the layer's gain for rms_gain; x itself for none."""
+    if layer.cfg.qk_norm == "none":
+        return x
+    x = x / x.square().mean(-1, keepdim=True).sqrt()
+    return x * getattr(layer, name).weight if layer.cfg.qk_norm == "rms_gain" else x
 
 
 def explicit_attention(layer: CausalSelfAttention, x, cos, sin):
     """(output (B,T,C), gate (B,H,T)) from the full attention matrix, written out independently."""
     cfg = layer.cfg
     q, k, v = (p(x).view(B, T, H, D).transpose(1, 2) for p in (layer.c_q, layer.c_k, layer.c_v))
-    q = apply_rotary(torch.nn.functional.rms_norm(q, (D,)), cos[:T], sin[:T])
-    k = apply_rotary(torch.nn.functional.rms_norm(k, (D,)), cos[:T], sin[:T])
+    q = apply_rotary(explicit_qk_norm(layer, "q_norm", q), cos[:T], sin[:T])
+    k = apply_rotary(explicit_qk_norm(layer, "k_norm", k), cos[:T], sin[:T])
     scores = q @ k.transpose(-1, -2) / math.sqrt(D)
     scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
     if cfg.attention == "sink":
@@ -79,17 +90,57 @@ def assert_same_outputs_and_grads(ours, theirs):
         torch.testing.assert_close(mine, other, msg=name)
 
 
-@pytest.mark.parametrize("attention", list(VARIANTS))
-def test_reference_backend_matches_explicit_softmax(attention):
-    layer = make_layer(attention).double()
+@pytest.mark.parametrize("attention, qk_norm", ALL)
+def test_reference_backend_matches_explicit_softmax(attention, qk_norm):
+    layer = make_layer(attention, qk_norm=qk_norm).double()
     cos, sin = (t.double() for t in rotary_tables(T, D, 10000.0))
     x = torch.randn(B, T, C, dtype=torch.float64)
     ours = outputs_and_grads(lambda x: layer(x, cos, sin), layer, x)
     theirs = outputs_and_grads(lambda x: explicit_attention(layer, x, cos, sin), layer, x)
     assert_same_outputs_and_grads(ours, theirs)
-    for own in VARIANTS[attention].parameters:  # gradients reach the gate's own parameters
-        gradient = torch.cat([g.flatten() for name, g in ours[3].items() if name.split(".")[0] == own])
-        assert gradient.abs().sum() > 0, own
+    own = [*VARIANTS[attention].parameters, *(("q_norm", "k_norm") if qk_norm == "rms_gain" else ())]
+    for module in own:  # gradients reach the gate's own parameters and the q/k gains
+        gradient = torch.cat([g.flatten() for name, g in ours[3].items() if name.split(".")[0] == module])
+        assert gradient.abs().sum() > 0, module
+
+
+@pytest.mark.parametrize("qk_norm", QK_NORMS)
+def test_rotated_qk_rebuilds_the_attention_on_the_sink(qk_norm):
+    """Evaluation recomputes explicit attention probabilities from rotated_qk: their column 0 is 1 - the vanilla gate
+    the forward pass returns, so rotated_qk gives exactly the q and k that forward attends with."""
+    layer = make_layer("vanilla", qk_norm=qk_norm).double()
+    cos, sin = (t.double() for t in rotary_tables(T, D, 10000.0))
+    x = torch.randn(B, T, C, dtype=torch.float64)
+    q, k = layer.rotated_qk(x, cos, sin)
+    assert q.shape == k.shape == (B, H, T, D)
+    scores = (q @ k.transpose(-1, -2) / math.sqrt(D)).masked_fill(torch.ones(T, T).triu(1).bool(), float("-inf"))
+    _, gate = layer(x, cos, sin)
+    torch.testing.assert_close(1 - torch.softmax(scores, -1)[..., 0], gate)
+
+
+def test_qk_norm_gain_starts_at_one_and_gets_no_weight_decay():
+    from model.lit import SinkAwareLM
+
+    model = dict(vocab_size=64, n_layer=2, n_embd=C, n_head=H, seq_len=T, attention="sink", qk_norm="rms_gain")
+    optim = dict(lr=1e-3, betas=[0.9, 0.95], eps=1e-8, weight_decay=0.5, warmup_steps=1, decay="none", min_lr_ratio=1)
+    module = SinkAwareLM(model=model, optim=optim, aux={"lambda": 0.0, "scope": "local"})
+    gains = {n: p for n, p in module.named_parameters() if n.endswith(("q_norm.weight", "k_norm.weight"))}
+    assert len(gains) == 2 * 2 and all(torch.equal(p, torch.ones(D)) for p in gains.values())
+    decayed, not_decayed = module.param_groups(0.5)
+    assert decayed["weight_decay"] == 0.5 and not_decayed["weight_decay"] == 0.0
+    assert all(any(p is q for q in not_decayed["params"]) for p in gains.values())
+    assert not any(p is q for p in gains.values() for q in decayed["params"])
+
+
+def test_qk_norm_rms_has_no_parameters_and_none_leaves_q_unnormalised():
+    plain, none = (make_layer("vanilla", qk_norm=kind) for kind in ("rms", "none"))
+    assert {n for n, _ in plain.named_parameters()} == {n for n, _ in none.named_parameters()}
+    cos, sin = rotary_tables(T, D, 10000.0)
+    x = 10 * torch.randn(B, T, C)
+    q_plain, _ = plain.rotated_qk(x, cos, sin)
+    q_none, _ = none.rotated_qk(x, cos, sin)  # same weights (same seed): only the norm differs
+    torch.testing.assert_close(q_plain.square().mean(-1), torch.ones(B, H, T))  # the rotation keeps the norm
+    assert q_none.square().mean(-1).mean() > 10
 
 
 def test_vanilla_gate_is_one_minus_attention_on_token_zero():
@@ -134,14 +185,16 @@ def test_bad_config_names_the_key():
         GPTConfig(attention="softmax")
     with pytest.raises(ValueError, match="n_head"):
         GPTConfig(n_embd=100, n_head=3)
+    with pytest.raises(ValueError, match="model.qk_norm='layer'"):
+        GPTConfig(qk_norm="layer")
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (flex_attention backward)")
-@pytest.mark.parametrize("attention", list(VARIANTS))
-def test_flex_backend_matches_reference_on_cuda(attention):
+@pytest.mark.parametrize("attention, qk_norm", ALL)
+def test_flex_backend_matches_reference_on_cuda(attention, qk_norm):
     torch.manual_seed(0)
-    cfg = dict(vocab_size=64, n_layer=1, n_embd=256, n_head=2, seq_len=256, attention=attention)
+    cfg = dict(vocab_size=64, n_layer=1, n_embd=256, n_head=2, seq_len=256, attention=attention, qk_norm=qk_norm)
     ref = CausalSelfAttention(GPTConfig(**cfg, backend="reference")).cuda()
     for p in ref.parameters():
         torch.nn.init.normal_(p, std=0.3)
@@ -175,8 +228,9 @@ def test_sdpa_needs_no_lse_so_only_gated_may_use_it():
             GPTConfig(attention=attention, backend="sdpa")
 
 
-def test_sdpa_backend_matches_reference_for_gated():
-    layer = make_layer("gated").double()
+@pytest.mark.parametrize("qk_norm", QK_NORMS)
+def test_sdpa_backend_matches_reference_for_gated(qk_norm):
+    layer = make_layer("gated", qk_norm=qk_norm).double()
     cos, sin = (t.double() for t in rotary_tables(T, D, 10000.0))
     x = torch.randn(B, T, C, dtype=torch.float64)
     results = []
