@@ -1,14 +1,15 @@
 """Head balance over training: per-layer CV and per-head importance as scalars, the layers × heads
 importance heatmap as an image (and PNG in the run directory), and the CV-over-training curve at the end.
 
-Keys: heads/cv/L07, heads/cv_mean, heads/importance/L07/H03, and, when some heads are shared (fine-tuning,
-Eq. 8), heads/cv_routed/L07 and heads/cv_routed_mean: the CV the aux loss balances. Images: heads/heatmap,
-heads/cv_curve.
+Keys: heads/cv/L07, heads/cv_mean, heads/importance/L07/H03, heads/sink_ratio/L07 and heads/sink_ratio (Gu et
+al.'s share of heads whose mean attention on the sink exceeds sink_threshold, per layer and over all layers;
+model/balance.py), and, when some heads are shared (fine-tuning, Eq. 8), heads/cv_routed/L07 and
+heads/cv_routed_mean: the CV the aux loss balances. Images: heads/heatmap, heads/cv_curve.
 
 The module leaves each training batch's importance (L, H) on the device (pl_module.last_importance). It is
 summed there, and once per logging interval the interval's mean moves to the host in one transfer (not one
 .item() per scalar); the CV is computed from that mean, so it is the CV of the importance measured over all
-tokens of the interval, the same numbers the heatmap shows.
+tokens of the interval, the same numbers the heatmap shows; the sink ratio too.
 """
 
 from pathlib import Path
@@ -19,7 +20,7 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from PIL import Image
 
 from callbacks.plots import cv_curve, figure_to_array, importance_heatmap
-from model.balance import coefficient_of_variation
+from model.balance import coefficient_of_variation, sink_ratio
 
 
 def log_image(trainer, key: str, image: np.ndarray, step: int) -> None:
@@ -31,11 +32,14 @@ def log_image(trainer, key: str, image: np.ndarray, step: int) -> None:
             logger.experiment.add_image(key, image, step, dataformats="HWC")
 
 
-def balance_metrics(imp, shared) -> dict[str, float]:
+def balance_metrics(imp, shared, sink_threshold: float = 0.3) -> dict[str, float]:
     """imp (L, H) float tensor on the host, shared (L, H) bool -> the scalars this callback logs."""
     cv = coefficient_of_variation(imp)
     metrics = {"heads/cv_mean": cv.mean().item()}
     metrics.update({f"heads/cv/L{layer:02d}": value for layer, value in enumerate(cv.tolist())})
+    sinking = sink_ratio(imp, sink_threshold)
+    metrics["heads/sink_ratio"] = sinking.mean().item()  # every layer has as many heads: the share of all heads
+    metrics.update({f"heads/sink_ratio/L{layer:02d}": value for layer, value in enumerate(sinking.tolist())})
     if shared.any():
         routed_cv = coefficient_of_variation(imp, ~shared)
         metrics["heads/cv_routed_mean"] = routed_cv.mean().item()
@@ -51,14 +55,20 @@ def heatmap_figure(imp: np.ndarray, step: int, shared: np.ndarray | None):
 
 
 class HeadBalanceMonitor(L.Callback):
-    def __init__(self, heatmap_every_n_steps: int = 100, dirpath: str | None = None):
+    def __init__(self, heatmap_every_n_steps: int = 100, dirpath: str | None = None, sink_threshold: float = 0.3):
         """heatmap_every_n_steps: draw the heatmap at the first logging step at or after each multiple of it
-        (0: only at the end). dirpath: where the PNGs go; None = <trainer.default_root_dir>/heads."""
+        (0: only at the end). dirpath: where the PNGs go; None = <trainer.default_root_dir>/heads.
+        sink_threshold: a head counts as sinking in heads/sink_ratio when its mean attention on the sink, 1 - its
+        importance, exceeds this (Gu et al.'s epsilon)."""
         if heatmap_every_n_steps < 0:
             raise ValueError(
                 f"callbacks.head_balance.heatmap_every_n_steps={heatmap_every_n_steps}: must be >= 0 (0 = at the end)"
             )
-        self.heatmap_every_n_steps, self.dirpath = heatmap_every_n_steps, dirpath
+        if not 0 < sink_threshold < 1:
+            raise ValueError(
+                f"callbacks.head_balance.sink_threshold={sink_threshold}: must be in (0, 1), a share of attention"
+            )
+        self.heatmap_every_n_steps, self.dirpath, self.sink_threshold = heatmap_every_n_steps, dirpath, sink_threshold
         self.total, self.batches = None, 0  # sum of the interval's (L, H) importance, on the device
         self.shared = None  # (L, H) bool on the host, read once: the shared heads are fixed for a run
         self.latest = None  # (step, (L, H) importance on the host) of the last logged interval
@@ -107,7 +117,7 @@ class HeadBalanceMonitor(L.Callback):
         self.total, self.batches = None, 0
         if self.shared is None:
             self.shared = pl_module.shared_heads.cpu()
-        metrics = balance_metrics(imp, self.shared)
+        metrics = balance_metrics(imp, self.shared, self.sink_threshold)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
         self.history_steps.append(step)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model.attention import VARIANTS
-from model.balance import aux_loss, coefficient_of_variation, importance, squared_cv, top_heads
+from model.balance import aux_loss, coefficient_of_variation, importance, sink_ratio, squared_cv, top_heads
 from model.gpt import GPT, GPTConfig
 
 # Layer 0 is collapsed onto head 3, layer 1 is perfectly balanced.
@@ -34,6 +34,15 @@ def test_eq8_routed_heads_only_by_hand():
     assert aux_loss(imp, 2.0, shared).item() == pytest.approx(2.0 * 0.5)
     # m = 0 is the pretraining loss.
     assert aux_loss(imp, 2.0, top_heads(imp, 0)).item() == pytest.approx(aux_loss(imp, 2.0).item())
+
+
+def test_sink_ratio_by_hand():
+    # Attention on the sink = 1 - Imp: layer 0 (0.9, 0.9, 0.9, 0.3), layer 1 0.75 each. At 0.3 (Gu et al.'s epsilon)
+    # every head sinks but head 3 of layer 0 (0.3 does not exceed 0.3); at 0.8 the three 0.9s; at 0.95 none.
+    assert sink_ratio(IMP, 0.3).tolist() == [0.75, 1.0]
+    assert sink_ratio(IMP, 0.8).tolist() == [0.75, 0.0]
+    assert sink_ratio(IMP, 0.95).tolist() == [0.0, 0.0]
+    assert sink_ratio(torch.tensor([[0.69, 0.71]])).tolist() == [0.5]  # the default threshold is 0.3: gate < 0.7
 
 
 def test_top_heads_picks_the_m_largest_per_layer():
