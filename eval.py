@@ -19,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from evaluation.loading import Runtime, checkpoint_path, label_of
-from evaluation.report import compare, diagnose, report
+from evaluation.report import compare, diagnose, failures, report
 from evaluation.sample import sample
 
 log = logging.getLogger("eval")
@@ -27,11 +27,17 @@ log = logging.getLogger("eval")
 
 def run_report(cfg: DictConfig, out_dir: Path, runtime: Runtime) -> None:
     path = checkpoint_path(cfg)
-    report(cfg, path, out_dir, runtime, label_of(path))
+    exit_on_failures([report(cfg, path, out_dir, runtime, label_of(path))])
 
 
 def run_compare(cfg: DictConfig, out_dir: Path, runtime: Runtime) -> None:
-    compare(cfg, [Path(path).expanduser() for path in cfg.ckpts], out_dir, runtime)
+    exit_on_failures(compare(cfg, [Path(path).expanduser() for path in cfg.ckpts], out_dir, runtime))
+
+
+def exit_on_failures(reports: list[dict]) -> None:
+    """A part that failed (harness tasks) was recorded in report.json and the rest measured: now exit 1 with it."""
+    if error := failures(reports):
+        raise ValueError(error)
 
 
 ACTIONS = {

@@ -1,7 +1,7 @@
 """lm-evaluation-harness adapter: a checkpoint's GPT as an lm-eval model, and running harness tasks by name.
 
-Imported by evaluation.report only when tasks are asked for: lm-eval takes seconds to import and is not installed
-everywhere.
+Imported by evaluation.report only when tasks are asked for, before anything is measured (load_tasks): lm-eval takes
+seconds to import and is not installed everywhere, and a task's data may be neither cached nor reachable.
 """
 
 import json
@@ -9,6 +9,7 @@ import logging
 
 import torch
 from lm_eval.api.model import TemplateLM
+from lm_eval.tasks import TaskManager
 from omegaconf import DictConfig
 
 from model.generate import generate
@@ -114,13 +115,30 @@ class HarnessLM(TemplateLM):
         return text
 
 
-def run_tasks(lm: HarnessLM, cfg: DictConfig) -> dict:
-    """Harness tasks by name; include_path adds a folder of task YAMLs (e.g. local copies, offline)."""
+def load_tasks(cfg: DictConfig) -> TaskManager:
+    """The TaskManager of cfg.harness with every task of cfg.tasks loaded once, in seconds: an unknown name, or data
+    that is neither in the Hugging Face cache nor reachable, fails here with one line, before the long part of an
+    evaluation; run_tasks then reads the data from the cache. include_path adds a folder of task YAMLs."""
+    manager = TaskManager(include_path=cfg.harness.include_path, include_defaults=cfg.harness.include_defaults)
+    try:
+        manager.load(list(cfg.tasks))
+    except KeyError as err:
+        raise ValueError(f"tasks={list(cfg.tasks)}: {err.args[0]}: check the name or harness.include_path") from None
+    except Exception as err:  # no network, not cached, a broken task file: one line, not lm-eval's traceback
+        reason = str(err).splitlines()[0] if str(err) else ""
+        raise ValueError(
+            f"tasks={list(cfg.tasks)}: loading the task data failed ({type(err).__name__}: {reason}): fill the Hugging "
+            "Face cache once online and run with HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1, or give local task files "
+            "with harness.include_path (docs/eval.md)"
+        ) from None
+    return manager
+
+
+def run_tasks(lm: HarnessLM, cfg: DictConfig, task_manager: TaskManager) -> dict:
+    """Harness tasks by name, from the TaskManager of load_tasks."""
     from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
     from lm_eval.utils import make_table
 
-    task_manager = TaskManager(include_path=cfg.harness.include_path, include_defaults=cfg.harness.include_defaults)
     results = simple_evaluate(
         model=lm,
         tasks=list(cfg.tasks),

@@ -37,8 +37,39 @@ def ablation_figure(curves: dict[str, dict]):
     return fig
 
 
+def prepare_tasks(cfg: DictConfig):
+    """Before the long part: lm-eval imports and every task of cfg.tasks loads (data cached or reachable). Returns
+    (evaluation.harness, its loaded TaskManager); raises ValueError with one line naming the fix."""
+    try:
+        from evaluation import harness  # lm-eval: imported only when tasks are asked for
+    except ModuleNotFoundError as err:
+        if not (err.name or "").startswith("lm_eval"):
+            raise
+        raise ValueError(
+            f"tasks={list(cfg.tasks)} needs lm-evaluation-harness, which does not import here ({err}): "
+            "`pip install lm-eval`, or leave tasks= out"
+        ) from None
+    return harness, harness.load_tasks(cfg)
+
+
+def write_report(out_dir: Path, result: dict) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "report.json").write_text(json.dumps(result, indent=2))
+
+
 def report(cfg: DictConfig, path: Path, out_dir: Path, runtime: Runtime, label: str) -> dict:
-    """BPB, importance, CV, ablation curve (and harness tasks) of one checkpoint; PNGs and report.json in out_dir."""
+    """BPB, importance, CV, ablation curve (and harness tasks) of one checkpoint; PNGs and report.json in out_dir.
+
+    report.json is rewritten after each part, so a part that fails keeps what came before. The harness tasks are
+    checked before anything is measured; when they cannot run, the rest is still measured and their one-line error
+    goes to result["errors"]["tasks"] (eval.py exits with it at the end)."""
+    errors, tasks = {}, None
+    if cfg.tasks:
+        try:
+            tasks = prepare_tasks(cfg)
+        except ValueError as err:
+            errors["tasks"] = str(err)
+            log.error("%s. The tasks are skipped; everything else is measured.", err)
     model, info = load_checkpoint(path, cfg.backend)
     model.to(runtime.device)
     datamodule = build_data(cfg, info["model"])
@@ -58,6 +89,7 @@ def report(cfg: DictConfig, path: Path, out_dir: Path, runtime: Runtime, label: 
         "importance": imp.tolist(),
         "cv": cv.tolist(),
         "cv_mean": cv.mean().item(),
+        "errors": errors,
     }
     if info["shared_heads"]:  # fine-tuned with Eq. 8: the CV its aux loss balances, over the routed heads only
         routed_cv = coefficient_of_variation(imp, ~torch.tensor(info["shared_heads"]))
@@ -70,7 +102,7 @@ def report(cfg: DictConfig, path: Path, out_dir: Path, runtime: Runtime, label: 
         cv.mean(),
         plain["rows"],
     )
-    out_dir.mkdir(parents=True, exist_ok=True)
+    write_report(out_dir, result)
     shared = np.array(info["shared_heads"]) if info["shared_heads"] else None
     save_figure(importance_heatmap(imp.numpy(), f"{label}: BPB {plain['bpb']:.3f}", shared), out_dir / "importance.png")
     if cfg.ablation.samples > 0:
@@ -78,14 +110,33 @@ def report(cfg: DictConfig, path: Path, out_dir: Path, runtime: Runtime, label: 
         ablation_batches = batches if same_rows else validation_batches(datamodule, cfg.ablation.samples)
         result["ablation"] = ablation_curve(model, ablation_batches, runtime, imp)
         save_figure(ablation_figure({label: result["ablation"]}), out_dir / "ablation.png")
-    if cfg.tasks:
-        from evaluation.harness import HarnessLM, run_tasks  # lm-eval: imported only when tasks are asked for
-
-        lm = HarnessLM(require_gpt(model, "tasks=[...]"), datamodule.tokenizer, runtime, cfg.harness.batch_size)
-        result["tasks"] = run_tasks(lm, cfg)
-    (out_dir / "report.json").write_text(json.dumps(result, indent=2))
+        write_report(out_dir, result)
+    if tasks is not None:
+        run_harness(tasks, result, cfg, model, datamodule, runtime)
+        write_report(out_dir, result)
     log.info("report written to %s", out_dir)
     return result
+
+
+def run_harness(tasks, result: dict, cfg: DictConfig, model, datamodule, runtime: Runtime) -> None:
+    """result["tasks"]: the harness results, or result["errors"]["tasks"]: why they failed, in one line."""
+    harness, task_manager = tasks
+    try:
+        lm = harness.HarnessLM(require_gpt(model, "tasks=[...]"), datamodule.tokenizer, runtime, cfg.harness.batch_size)
+        result["tasks"] = harness.run_tasks(lm, cfg, task_manager)
+    except Exception as err:  # lm-eval's own failures (a task's data, its metrics): recorded, the report kept
+        reason = str(err).splitlines()[0] if str(err) else ""
+        result["errors"]["tasks"] = f"tasks={list(cfg.tasks)} failed: {type(err).__name__}: {reason}"
+        log.error("%s", result["errors"]["tasks"])
+
+
+def failures(reports: list[dict]) -> str | None:
+    """One line for the parts that failed in any of the reports (None: all ran)."""
+    errors = [f"{r['label']}: {error}" for r in reports for error in r["errors"].values()]
+    if not errors:
+        return None
+    more = f" (and {len(errors) - 1} more failures, see report.json)" if len(errors) > 1 else ""
+    return f"{errors[0]}{more}; everything else was measured and written"
 
 
 def side_by_side(images: list[np.ndarray]) -> np.ndarray:

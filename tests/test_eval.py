@@ -1,5 +1,6 @@
 """eval.py and evaluation/: BPB and importance as training measures them, the ablation curve, the KV cache, the
-harness adapter."""
+harness adapter. lm-eval is imported only inside the harness tests: collecting this file (e.g. `pytest -m gpu`) must
+work where it is not installed."""
 
 import json
 import os
@@ -14,7 +15,6 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from data.tokenizer import ByteTokenizer
-from evaluation.harness import HarnessLM, run_tasks
 from evaluation.loading import Runtime, build_data, checkpoint_path, label_of, load_checkpoint
 from evaluation.metrics import ablation_masks, measure
 from evaluation.report import report
@@ -151,7 +151,9 @@ def next_byte_model(shift: int, scale: float = 10.0) -> GPT:
     return model.eval()
 
 
-def harness_lm(model: GPT) -> HarnessLM:
+def harness_lm(model: GPT):
+    from evaluation.harness import HarnessLM
+
     return HarnessLM(model, ByteTokenizer(), Runtime("cpu", "fp32"), batch_size=3)
 
 
@@ -177,6 +179,8 @@ def write_echo_task(folder: Path) -> None:
 
 
 def test_harness_task_scores_100_percent_with_a_model_that_knows_the_answers(tmp_path):
+    from evaluation.harness import load_tasks, run_tasks
+
     write_echo_task(tmp_path)
     cfg = OmegaConf.create(
         {
@@ -190,9 +194,10 @@ def test_harness_task_scores_100_percent_with_a_model_that_knows_the_answers(tmp
             },
         }
     )
-    knows = run_tasks(harness_lm(next_byte_model(shift=0)), cfg)
+    tasks = load_tasks(cfg)
+    knows = run_tasks(harness_lm(next_byte_model(shift=0)), cfg, tasks)
     assert knows["echo_letter"]["acc,none"] == 1.0
-    contrary = run_tasks(harness_lm(next_byte_model(shift=0, scale=-10.0)), cfg)
+    contrary = run_tasks(harness_lm(next_byte_model(shift=0, scale=-10.0)), cfg, tasks)
     assert contrary["echo_letter"]["acc,none"] == 0.0  # the same plumbing can fail
 
 
@@ -264,3 +269,54 @@ def test_run_name_and_bad_checkpoints_give_one_line_errors(tmp_path):
         checkpoint_path(OmegaConf.merge(cfg, {"run": "other"}))
     with pytest.raises(ValueError, match="exactly one of ckpt=PATH"):
         checkpoint_path(OmegaConf.merge(cfg, {"run": None}))
+
+
+BLOCK_LM_EVAL = "sys.modules['lm_eval'] = None"  # `import lm_eval` then fails as if lm-eval were not installed
+
+
+def test_this_file_is_collected_without_lm_eval():
+    code = f"import sys; {BLOCK_LM_EVAL}; sys.path.insert(0, 'tests'); import test_eval"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def write_hub_task(folder: Path) -> None:
+    """A task whose data is on the Hugging Face hub: unreachable with HF_DATASETS_OFFLINE=1 and an empty cache."""
+    (folder / "hub.yaml").write_text(
+        "task: hub_task\ndataset_path: allenai/ai2_arc\ndataset_name: ARC-Easy\ntest_split: test\n"
+        "output_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_choice: '{{choices.text}}'\n"
+        "doc_to_target: 0\nmetric_list:\n  - metric: acc\n"
+    )
+
+
+@pytest.mark.slow
+def test_tasks_that_cannot_run_keep_the_report_and_fail_in_one_line(trained, tmp_path):
+    """Without lm-eval, and with a task whose data is neither cached nor reachable: report.json still holds BPB, the
+    tasks' error is recorded there, and eval.py exits 1 with one line."""
+    write_hub_task(tmp_path)
+    empty_cache = tmp_path / "hf"
+    env = {**os.environ, "SINKAWARE_CACHE_DIR": CACHE, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
+           "HF_HOME": str(empty_cache)}  # fmt: skip
+    code = (  # both runs in one process (importing Lightning alone takes seconds); the first without lm-eval
+        "import runpy, sys\n"
+        "for i, argv in enumerate(sys.argv[1:]):\n"
+        f"    if i == 0: {BLOCK_LM_EVAL}\n"
+        "    else: sys.modules.pop('lm_eval', None)\n"
+        "    sys.argv = ['eval.py', *argv.split(' ')]\n"
+        "    try:\n"
+        "        runpy.run_path('eval.py', run_name='__main__')\n"
+        "    except SystemExit as exit:\n"
+        "        print('exit', exit.code)\n"
+    )
+    common = f"ckpt={trained['path']} samples={ROWS} data.batch_size=4 ablation.samples=0"
+    tasks = f"harness.include_path={tmp_path} harness.include_defaults=false"
+    runs = [f"{common} tasks=[hub_task] {tasks} hydra.run.dir={tmp_path}/{i}" for i in range(2)]
+    result = subprocess.run([sys.executable, "-c", code, *runs], cwd=ROOT, env=env, capture_output=True, text=True)
+    output = result.stdout + result.stderr
+    assert output.count("exit 1") == 2 and "Traceback" not in output, output
+    for i, why in enumerate(["needs lm-evaluation-harness", "loading the task data failed (ConnectionError"]):
+        saved = json.loads((tmp_path / str(i) / "report.json").read_text())
+        assert saved["bpb"] == pytest.approx(trained["val_bpb"], rel=1e-6) and "tasks" not in saved
+        assert why in saved["errors"]["tasks"] and "\n" not in saved["errors"]["tasks"]
+        error_lines = [line for line in output.splitlines() if why in line]
+        assert len(error_lines) == 2  # logged when found (before the long part) and as eval.py's exit message
