@@ -8,6 +8,9 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric, Metric
 
 from model.balance import aux_loss, importance
+from model.fp8 import check_device as check_fp8_device
+from model.fp8 import convert as convert_to_fp8
+from model.fp8 import fsdp_float8_all_gather, precompute_fsdp_scales
 from model.gpt import GPT, GPTConfig
 
 AUX_SCOPES = ("global", "local")
@@ -83,8 +86,17 @@ class SinkAwareLM(L.LightningModule):
         self.val_loss = MeanMetric()  # over all validation tokens
         self.last_importance = None  # (L, H) of the latest training batch, detached; read by callbacks
         self.token_nll = token_nll
+        self.fp8_layers: list[str] = []  # model.fp8: the names of the layers configure_model converted
+        self.fp8_fsdp_scales = False  # set by configure_model
 
     def configure_model(self):
+        fp8 = getattr(self.model.cfg, "fp8", None)  # model.fp8 (our GPT; a Hugging Face model has none)
+        if fp8 and not self.fp8_layers:  # once: Lightning calls this hook again in each stage
+            check_fp8_device(fp8, self.target_device())  # before torchao is imported: a CPU run needs none
+            # before fully_shard and compile, as torchao and Lightning's float8 example do
+            self.fp8_layers = convert_to_fp8(self.model, fp8, fsdp=self.device_mesh is not None)
+        # FSDP2 all-gathering float8 weights (tensorwise): their scales in one all-reduce after each optimizer step
+        self.fp8_fsdp_scales = self.device_mesh is not None and fsdp_float8_all_gather(self.model)
         if self.device_mesh is not None:  # trainer=fsdp (ModelParallelStrategy): FSDP2, one unit per block
             from torch.distributed.fsdp import fully_shard
 
@@ -95,6 +107,15 @@ class SinkAwareLM(L.LightningModule):
         if self.hparams.compile:
             self.model.compile()  # in place: state_dict keys stay free of "_orig_mod."
             self.token_nll = torch.compile(token_nll)
+
+    def target_device(self) -> torch.device:
+        """The device training runs on; in configure_model the module may still be on the CPU under Lightning."""
+        return self.device if self._trainer is None else self.trainer.strategy.root_device
+
+    def optimizer_step(self, *args, **kwargs):
+        super().optimizer_step(*args, **kwargs)
+        if self.fp8_fsdp_scales:
+            precompute_fsdp_scales(self.model)
 
     def forward(self, idx, head_mask=None):
         return self.model(idx, head_mask)
