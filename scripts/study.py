@@ -1,16 +1,19 @@
 """Re-run the study of docs/study.md on this machine's GPUs: train its runs, evaluate them, rebuild the report.
 
-    python scripts/study.py train [--per-gpu K] [--only a,b] [--stop-launching-after S] [--stop-after S] [OVERRIDE ..]
+    python scripts/study.py train [--part 2] [--per-gpu K] [--only a,b] [--stop-launching-after S] [--stop-after S]
+                                  [OVERRIDE ...]
     python scripts/study.py eval [OVERRIDE ...]   # eval.py eval_mode=compare: corpus_a val., corpus_b, fine-tuning
     python scripts/study.py report                # docs/study_results.md, docs/study/*.csv|json, docs/img/study_*.png
     make study                                    # all three
 
-The runs are conf/experiment/study/*.yaml (base.yaml is their shared part), each `python train.py
-experiment=study/NAME` in outputs/study/...: a run that exists already resumes from its last checkpoint (a finished
-one ends at once). Runs are spread over the GPUs, K at a time on each; the fine-tuning runs start once the vanilla
-run they start from has finished. The data (corpus_a/ and corpus_b/ of shared/data) is read from $SINKAWARE_DATA,
-by default .data/ in the repository. Every figure and number of the report comes from eval.py's compare.json and the
-runs' metrics.csv: this script only gathers and draws them.
+The runs of part 1 are conf/experiment/study/*.yaml, those of part 2 (when do sinks form) conf/experiment/study2/*.yaml
+(base.yaml is each folder's shared part), each `python train.py experiment=study/NAME` in outputs/study/... (study2:
+outputs/study2/...): a run that exists already resumes from its last checkpoint (a finished one ends at once). --only
+names runs of the part's folder (or, with a slash, any experiment: study/gated). Runs are spread over the GPUs, K at a
+time on each; a fine-tuning run starts once the run it starts from has finished, and that run is trained first when
+it is neither finished nor asked for. eval and report are part 1's. The data (corpus_a/ and corpus_b/) is read from
+$SINKAWARE_DATA, by default .data/ in the repository. Every figure and number of the report comes from eval.py's
+compare.json and the runs' metrics.csv: this script only gathers and draws them.
 """
 
 import argparse
@@ -21,27 +24,67 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
 sys.path.insert(0, str(ROOT))
-# Claims 1-3 first, then the seed pair, the larger lambda, and the fine-tuning pair (claim 4).
+# Part 1: claims 1-3 first, then the seed pair, the larger lambda, and the fine-tuning pair (claim 4).
 RUNS = [
     "vanilla", "vanilla_aux", "sink", "sink_aux", "gated", "gated_aux",
     "vanilla_seed2", "vanilla_aux_seed2", "vanilla_aux1e-2", "gated_aux1e-2",
 ]  # fmt: skip
 FINETUNES = ["finetune_plain", "finetune_shared"]  # from the `vanilla` run
+# Part 2 by priority (conf/experiment/study2/base.yaml): claim 4 from collapsed heads, weight decay and QK-norm,
+# seeds, the sink twins. Not by default: the lambda=1e-4 twins (only once their base run forms sinks) and the corpus
+# a+b run (needs corpus_b too); --only names them.
+RUNS_2 = [
+    "finetune_gated_m0", "finetune_gated_m2", "finetune_gated_m4", "vanilla_wd0.5", "vanilla_noqknorm_wd0.5",
+    "gated_seed2", "gated_aux1e-2_seed2", "gated_seed3", "gated_aux1e-2_seed3", "sink_wd0.5", "sink_noqknorm_wd0.5",
+]  # fmt: skip
+# fine-tuning run -> the run whose last.ckpt it starts from (its init_from), both as experiment names
+STARTS_FROM = {
+    **{f"study/{name}": "study/vanilla" for name in FINETUNES},
+    **{f"study2/finetune_gated_m{m}": "study/gated" for m in (0, 2, 4)},
+}
 OUT = ROOT / "outputs" / "study"
 DOCS, IMG = ROOT / "docs" / "study", ROOT / "docs" / "img"
 
 
-def run_dir(name: str) -> Path:
-    """outputs/study/<attention>_lambda<lambda>_seed<seed> (or finetune_...): the `run` of the experiment file."""
+def run_dir(experiment: str) -> Path:
+    """outputs/<the `run` of the experiment file>, e.g. outputs/study/gated_lambda0.0_seed1337."""
     from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return ROOT / "outputs" / compose("train", overrides=[f"experiment=study/{name}"]).run
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return ROOT / "outputs" / compose("train", overrides=[f"experiment={experiment}"]).run
 
 
-def finished(name: str) -> bool:
-    return (run_dir(name) / "checkpoints" / "done").exists()
+def finished(experiment: str) -> bool:
+    return (run_dir(experiment) / "checkpoints" / "done").exists()
+
+
+def requested(part: int, only: str | None) -> list[str]:
+    """The experiments to train, in order: --only's names (relative to the part's folder unless they hold a slash) or
+    the part's default list, each preceded by the run it starts from when that is not among them."""
+    folder, default = ("study", RUNS + FINETUNES) if part == 1 else ("study2", RUNS_2)
+    names = [n if "/" in n else f"{folder}/{n}" for n in (only.split(",") if only else default)]
+    missing = [n for n in names if not (CONF / "experiment" / f"{n}.yaml").is_file()]
+    if missing:
+        raise SystemExit(f"--only: no conf/experiment/{missing[0]}.yaml (names of conf/experiment/{folder}/, no .yaml)")
+    queue = []
+    for name in names:
+        start = STARTS_FROM.get(name)
+        if start and start not in queue and start not in names:
+            queue.append(start)
+        queue.append(name)
+    return queue
+
+
+def ready(name: str, queue: list[str], slots: dict) -> bool | None:
+    """Whether `name` can start now; None if never: it starts from a run that is neither finished, queued nor
+    running (it failed)."""
+    start = STARTS_FROM.get(name)
+    if start is None or finished(start):
+        return True
+    running = {job[0] for job in slots.values() if job is not None}
+    return False if start in queue or start in running else None
 
 
 def train(args, overrides: list[str]) -> None:
@@ -50,9 +93,8 @@ def train(args, overrides: list[str]) -> None:
     gpus = torch.cuda.device_count()
     if gpus == 0:
         raise SystemExit("no CUDA GPU: the study trains on GPUs (docs/study.md gives its size)")
-    queue = [n for n in (args.only.split(",") if args.only else RUNS + FINETUNES) if not finished(n)]
+    queue = [n for n in requested(args.part, args.only) if not finished(n)]
     slots = {(gpu, k): None for gpu in range(gpus) for k in range(args.per_gpu)}
-    (OUT / "logs").mkdir(parents=True, exist_ok=True)
     start = time.time()
     while queue or any(slots.values()):
         for slot, job in slots.items():
@@ -68,15 +110,20 @@ def train(args, overrides: list[str]) -> None:
         if args.stop_after and time.time() - start > args.stop_after:
             stop(slots, queue)
             return
+        for name in [n for n in queue if ready(n, queue, slots) is None]:
+            print(f"[study] {name} not started: {STARTS_FROM[name]}, which it starts from, failed", flush=True)
+            queue.remove(name)
         for slot in [s for s, job in slots.items() if job is None]:
-            ready = [n for n in queue if n not in FINETUNES or finished("vanilla")]
-            if not ready or late:
+            startable = [n for n in queue if ready(n, queue, slots)]
+            if not startable or late:
                 break
-            name = ready[0]
+            name = startable[0]
             queue.remove(name)
             env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(slot[0])}
-            log = open(OUT / "logs" / f"{name}.log", "w")
-            command = [sys.executable, "train.py", f"experiment=study/{name}", *overrides]
+            log_file = ROOT / "outputs" / name.split("/")[0] / "logs" / f"{name.split('/')[1]}.log"
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+            log = open(log_file, "w")
+            command = [sys.executable, "train.py", f"experiment={name}", *overrides]
             slots[slot] = (name, subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
             print(f"[study] {name} started on GPU {slot[0]} at {time.time() - start:.0f} s", flush=True)
         if late and not any(slots.values()):
@@ -98,7 +145,8 @@ def stop(slots: dict, queue: list[str]) -> None:
 
 
 def checkpoints(names: list[str]) -> list[str]:
-    return [str(run_dir(n) / "checkpoints" / "last.ckpt") for n in names if finished(n)]
+    """last.ckpt of each finished part-1 run among names."""
+    return [str(run_dir(f"study/{n}") / "checkpoints" / "last.ckpt") for n in names if finished(f"study/{n}")]
 
 
 def evaluate(overrides: list[str]) -> None:
@@ -137,6 +185,7 @@ def evaluate(overrides: list[str]) -> None:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("step", choices=["train", "eval", "report"])
+    parser.add_argument("--part", type=int, choices=[1, 2], default=1, help="conf/experiment/study (1), study2 (2)")
     parser.add_argument("--per-gpu", type=int, default=2, help="runs at a time on each GPU (2 fill an H200)")
     parser.add_argument("--only", default=None, help="comma-separated experiment names (default: all)")
     parser.add_argument("--stop-launching-after", type=float, default=0, help="seconds; 0 = no limit")

@@ -1,0 +1,185 @@
+"""conf/experiment/study2/ and scripts/study.py --part 2: every run composes, differs from its first-study twin in
+exactly what its comment says, has its own run directory, and fine-tunings wait for (or bring along) their start."""
+
+import glob
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import study  # noqa: E402  (scripts/study.py)
+
+STUDY2 = sorted(p.stem for p in (ROOT / "conf" / "experiment" / "study2").glob("*.yaml") if p.stem != "base")
+# run -> (its twin, the keys in which they differ besides run)
+TWINS = {
+    "vanilla_wd0.5": ("study/vanilla", {"optim.weight_decay"}),
+    "vanilla_noqknorm_wd0.5": ("study/vanilla", {"optim.weight_decay", "model.qk_norm"}),
+    "sink_wd0.5": ("study/sink", {"optim.weight_decay"}),
+    "sink_noqknorm_wd0.5": ("study/sink", {"optim.weight_decay", "model.qk_norm"}),
+    "vanilla_aux_wd0.5": ("study/vanilla_aux", {"optim.weight_decay"}),
+    "vanilla_aux_noqknorm_wd0.5": ("study/vanilla_aux", {"optim.weight_decay", "model.qk_norm"}),
+    "sink_aux_wd0.5": ("study/sink_aux", {"optim.weight_decay"}),
+    "sink_aux_noqknorm_wd0.5": ("study/sink_aux", {"optim.weight_decay", "model.qk_norm"}),
+    "vanilla_corpus_ab_4000steps": (
+        "study/vanilla",
+        {"data.corpus.path", "data.tokenizer.corpus", "trainer.max_steps"},
+    ),
+    "gated_seed2": ("study/gated", {"seed"}),
+    "gated_seed3": ("study/gated", {"seed"}),
+    "gated_aux1e-2_seed2": ("study/gated_aux1e-2", {"seed"}),
+    "gated_aux1e-2_seed3": ("study/gated_aux1e-2", {"seed"}),
+    "finetune_gated_m0": ("study/finetune_plain", {"attention.name", "init_from"}),
+    "finetune_gated_m2": ("study/finetune_shared", {"attention.name", "init_from"}),
+    "finetune_gated_m4": ("study/finetune_shared", {"attention.name", "init_from", "aux.shared_heads"}),
+}
+
+
+def composed(experiment: str):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("train", overrides=[f"experiment={experiment}"])
+
+
+def leaves(cfg) -> dict:
+    """Every leaf of the config, unresolved: an interpolation compares as written (${seed}, ${attention.name})."""
+    out = {}
+
+    def walk(node, prefix):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                out[f"{prefix}{key}"] = value
+
+    walk(OmegaConf.to_container(cfg, resolve=False), "")
+    return out
+
+
+def test_every_run_has_a_twin_and_a_comment():
+    assert sorted(TWINS) == STUDY2
+    for name in STUDY2:
+        text = (ROOT / "conf" / "experiment" / "study2" / f"{name}.yaml").read_text()
+        assert text.startswith("# @package _global_\n# (")  # what it tests, labelled as in the issue
+        assert all(len(line) <= 120 for line in text.splitlines()), name
+
+
+@pytest.mark.parametrize("name", STUDY2)
+def test_run_differs_from_its_twin_in_what_it_tests(name):
+    twin, changed = TWINS[name]
+    ours, theirs = leaves(composed(f"study2/{name}")), leaves(composed(twin))
+    differing = {k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k)}
+    differing = {"data.tokenizer.corpus" if k.startswith("data.tokenizer.corpus") else k for k in differing}
+    assert differing - {"run"} == changed
+
+
+@pytest.mark.parametrize("name", STUDY2)
+def test_budget_and_run_directory(name):
+    cfg = composed(f"study2/{name}")
+    tokens = cfg.trainer.max_steps * cfg.data.batch_size * cfg.model.seq_len
+    if name.startswith("finetune"):
+        assert tokens == 300 * 32 * 1024  # as study/finetune_*
+    else:
+        assert tokens >= 65_000_000 * (2 if "4000steps" in name else 1)
+    assert cfg.run.startswith("study2/")
+
+
+def test_no_two_experiments_share_a_run_directory():
+    experiments = sorted(
+        str(p.relative_to(ROOT / "conf" / "experiment").with_suffix(""))
+        for folder in ("study", "study2")
+        for p in (ROOT / "conf" / "experiment" / folder).glob("*.yaml")
+        if p.stem != "base"
+    )
+    runs = [composed(e).run for e in experiments]
+    assert len(set(runs)) == len(runs), sorted(runs)
+
+
+@pytest.mark.parametrize(("finetune", "start"), sorted(study.STARTS_FROM.items()))
+def test_fine_tunings_start_from_the_run_the_script_waits_for(finetune, start):
+    init_from = OmegaConf.to_container(composed(finetune), resolve=False)["init_from"]
+    assert init_from == "${hydra:runtime.cwd}/outputs/" + composed(start).run + "/checkpoints/last.ckpt"
+
+
+def test_the_corpus_ab_run_reads_both_folders_with_the_first_studys_tokenizer(tmp_path):
+    from hydra.utils import instantiate
+
+    for corpus in ("corpus_a", "corpus_b", "corpus_c"):
+        (tmp_path / corpus).mkdir()
+        (tmp_path / corpus / "part-0.parquet").touch()
+    more, first = (composed(e) for e in ("study2/vanilla_corpus_ab_4000steps", "study/vanilla"))
+    more.data_dir = first.data_dir = str(tmp_path)
+    files = sorted(glob.glob(more.data.corpus.path))  # data.corpus.Corpus reads a glob as these files
+    assert [Path(f).parent.name for f in files] == ["corpus_a", "corpus_b"]
+    # The BPE cache key is the fingerprint of the corpus it is trained on: the same as the first study's.
+    assert instantiate(more.data.tokenizer.corpus).fingerprint() == instantiate(first.data.corpus).fingerprint()
+
+
+def test_requested_brings_the_start_run_along_and_part_1_is_unchanged():
+    assert study.requested(2, "finetune_gated_m0,finetune_gated_m2") == [
+        "study/gated", "study2/finetune_gated_m0", "study2/finetune_gated_m2",
+    ]  # fmt: skip
+    assert study.requested(2, "study/gated,vanilla_wd0.5,finetune_gated_m4") == [
+        "study/gated", "study2/vanilla_wd0.5", "study2/finetune_gated_m4",
+    ]  # fmt: skip
+    assert study.requested(1, None) == [f"study/{n}" for n in study.RUNS + study.FINETUNES]
+    assert all(f"study2/{n}" in study.requested(2, None) for n in study.RUNS_2)
+    with pytest.raises(SystemExit, match="no conf/experiment/study2/vanila_wd0.5.yaml"):
+        study.requested(2, "vanila_wd0.5")
+
+
+class FakeRun:
+    """A training process that ends at its second poll, failing for the experiments in `failing`."""
+
+    launched: list[str] = []
+    failing: set[str] = set()
+
+    def __init__(self, command, **_):
+        self.name = command[2].removeprefix("experiment=")
+        self.polls, self.returncode = 0, None
+        FakeRun.launched.append(self.name)
+
+    def poll(self):
+        self.polls += 1
+        if self.polls >= 2:
+            self.returncode = 1 if self.name in FakeRun.failing else 0
+        return self.returncode
+
+
+def fake_train(monkeypatch, tmp_path, only: str, failing=()):
+    monkeypatch.setattr(study, "ROOT", tmp_path)
+    monkeypatch.setattr(study, "run_dir", lambda experiment: tmp_path / "outputs" / experiment)
+    monkeypatch.setattr(study.subprocess, "Popen", FakeRun)
+    monkeypatch.setattr(study.time, "sleep", lambda s: None)
+    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(cuda=types.SimpleNamespace(device_count=lambda: 1)))
+    for experiment in study.requested(2, only):
+        (tmp_path / "outputs" / experiment / "checkpoints").mkdir(parents=True)
+    FakeRun.launched, FakeRun.failing = [], set(failing)
+    args = types.SimpleNamespace(part=2, only=only, per_gpu=3, stop_launching_after=0, stop_after=0)
+    study.train(args, [])
+    return FakeRun.launched
+
+
+def test_fine_tunings_start_after_their_start_run(monkeypatch, tmp_path, capsys):
+    launched = fake_train(monkeypatch, tmp_path, "finetune_gated_m0,finetune_gated_m2,vanilla_wd0.5")
+    # Three slots, but the fine-tunings wait: study/gated and vanilla_wd0.5 first, then both fine-tunings.
+    assert launched == ["study/gated", "study2/vanilla_wd0.5", "study2/finetune_gated_m0", "study2/finetune_gated_m2"]
+    assert (tmp_path / "outputs" / "study2" / "logs" / "finetune_gated_m2.log").is_file()
+    assert "study2/finetune_gated_m2 finished" in capsys.readouterr().out
+
+
+def test_fine_tunings_of_a_failed_run_are_dropped_not_awaited(monkeypatch, tmp_path, capsys):
+    launched = fake_train(monkeypatch, tmp_path, "finetune_gated_m0,vanilla_wd0.5", failing={"study/gated"})
+    assert launched == ["study/gated", "study2/vanilla_wd0.5"]  # and train() returned: no endless wait
+    assert "study2/finetune_gated_m0 not started: study/gated, which it starts from, failed" in capsys.readouterr().out
+
+
+def test_part_2_command_line_is_parsed():
+    result = subprocess.run(
+        [sys.executable, "scripts/study.py", "train", "--part", "3"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 2 and "--part: invalid choice: 3" in result.stderr
