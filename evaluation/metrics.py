@@ -1,9 +1,12 @@
 """BPB, loss and head importance over validation rows exactly as training validation computes them, and the
 head-ablation curve (BPB with the k least / most important heads of every layer switched off)."""
 
+import hashlib
 import logging
+from itertools import islice
 
 import torch
+from torch.utils.data import default_collate
 
 from evaluation.loading import GatedLM, Runtime
 from model.balance import importance
@@ -12,20 +15,56 @@ from model.lit import BitsPerByte, token_nll
 log = logging.getLogger("eval")
 
 
-def validation_batches(datamodule, rows: int) -> list[dict]:
-    """The first `rows` packed rows of the validation split, as the training validation loop sees them."""
-    batches, seen = [], 0
-    for batch in datamodule.loader("validation"):
-        if seen >= rows:
-            break
-        take = min(rows - seen, batch["input_ids"].size(0))
-        batches.append({key: value[:take] for key, value in batch.items()})
-        seen += take
-    if seen < rows:
-        log.warning("the validation split has only %d rows of the %d asked for: using them all", seen, rows)
-    if seen == 0:
+class RecordedDocuments:
+    """A split's document stream that notes the id of each document as it is read (the sha1 of its text when the
+    corpus has no id column, as the split itself does)."""
+
+    def __init__(self, documents, corpus, ids: list[str]):
+        self.documents, self.corpus, self.ids = documents, corpus, ids
+
+    def state_dict(self):
+        return self.documents.state_dict()
+
+    def load_state_dict(self, state):
+        self.documents.load_state_dict(state)
+
+    def __iter__(self):
+        for doc in self.documents:
+            doc_id = doc.get(self.corpus.id_column)
+            text = doc[self.corpus.text_column]
+            self.ids.append(str(doc_id) if doc_id is not None else hashlib.sha1(text.encode()).hexdigest())
+            yield doc
+
+
+def validation_batches(datamodule, rows: int) -> tuple[list[dict], list[str]]:
+    """The first `rows` packed rows of the validation split, as the training validation loop sees them (one pass
+    over the split's documents in the shard order of data.seed, so the same rows every time), in batches of
+    data.batch_size; and the ids of the documents those rows hold, in order (the last one may be cut)."""
+    packed, ids = datamodule.rows("validation"), []
+    read = packed.documents
+    packed.documents = lambda epoch: RecordedDocuments(read(epoch), datamodule.corpus, ids)
+    examples = list(islice(packed, rows))  # read lazily: no document after the last row's is drawn
+    if len(examples) < rows:
+        log.warning("the validation split has only %d rows of the %d asked for: using them all", len(examples), rows)
+    if not examples:
         raise ValueError("the validation split is empty: check data.corpus.val_permille and the corpus")
-    return batches
+    size = datamodule.batch_size
+    return [default_collate(examples[i : i + size]) for i in range(0, len(examples), size)], ids
+
+
+def rows_fingerprint(batches: list[dict], ids: list[str]) -> dict:
+    """What identifies the scored rows: their number, their documents' ids (count and sha256 of the ids joined by
+    newlines) and the sha256 of their tokens (each row's inputs and its last target, int64)."""
+    tokens = hashlib.sha256()
+    for batch in batches:
+        rows = torch.cat([batch["input_ids"], batch["targets"][:, -1:]], dim=1)
+        tokens.update(rows.to(torch.int64).numpy().tobytes())
+    return {
+        "count": sum(batch["input_ids"].size(0) for batch in batches),
+        "documents": len(ids),
+        "documents_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest(),
+        "tokens_sha256": tokens.hexdigest(),
+    }
 
 
 @torch.no_grad()

@@ -3,19 +3,23 @@ side, and the head-collapse diagnosis of a Hugging Face model directory. Numbers
 
 import json
 import logging
+import shlex
 from itertools import islice
 from pathlib import Path
 
 import numpy as np
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from PIL import Image
 
 from callbacks.plots import figure_to_array, importance_heatmap, save_figure
 from evaluation.loading import Runtime, build_data, label_of, load_checkpoint, require_gpt
-from evaluation.metrics import ablation_curve, measure, validation_batches
-from model.balance import coefficient_of_variation
+from evaluation.metrics import ablation_curve, measure, rows_fingerprint, validation_batches
+from evaluation.sinks import sink_attention, sinks_figure
+from model.balance import coefficient_of_variation, sink_ratio
+from model.gpt import GPT
 
 log = logging.getLogger("eval")
 
@@ -73,10 +77,11 @@ def report(cfg: DictConfig, path: Path, out_dir: Path, runtime: Runtime, label: 
     model, info = load_checkpoint(path, cfg.backend)
     model.to(runtime.device)
     datamodule = build_data(cfg, info["model"])
-    batches = validation_batches(datamodule, cfg.samples)
+    batches, documents = validation_batches(datamodule, cfg.samples)
     plain = measure(model, batches, runtime)
     imp = plain["importance"]
     cv = coefficient_of_variation(imp)
+    ratio = sink_ratio(imp, cfg.sinks.threshold)
     result = {
         **info,
         "label": label,
@@ -89,6 +94,10 @@ def report(cfg: DictConfig, path: Path, out_dir: Path, runtime: Runtime, label: 
         "importance": imp.tolist(),
         "cv": cv.tolist(),
         "cv_mean": cv.mean().item(),
+        "sink_threshold": cfg.sinks.threshold,
+        "sink_ratio": ratio.tolist(),
+        "sink_ratio_mean": ratio.mean().item(),
+        "scored_rows": scored_rows(datamodule, batches, documents),
         "errors": errors,
     }
     if info["shared_heads"]:  # fine-tuned with Eq. 8: the CV its aux loss balances, over the routed heads only
@@ -103,19 +112,47 @@ def report(cfg: DictConfig, path: Path, out_dir: Path, runtime: Runtime, label: 
         plain["rows"],
     )
     write_report(out_dir, result)
+    (out_dir / "documents.txt").write_text("".join(f"{doc_id}\n" for doc_id in documents))
     shared = np.array(info["shared_heads"]) if info["shared_heads"] else None
     save_figure(importance_heatmap(imp.numpy(), f"{label}: BPB {plain['bpb']:.3f}", shared), out_dir / "importance.png")
     if cfg.ablation.samples > 0:
         same_rows = cfg.ablation.samples == cfg.samples
-        ablation_batches = batches if same_rows else validation_batches(datamodule, cfg.ablation.samples)
+        ablation_batches = batches if same_rows else validation_batches(datamodule, cfg.ablation.samples)[0]
         result["ablation"] = ablation_curve(model, ablation_batches, runtime, imp)
         save_figure(ablation_figure({label: result["ablation"]}), out_dir / "ablation.png")
+        write_report(out_dir, result)
+    if cfg.sinks.rows > 0 and isinstance(model, GPT):  # the explicit attention needs our GPT's q and k
+        bos = datamodule.tokenizer.bos_id
+        result["sinks"] = sink_attention(model, batches, cfg.sinks.rows, bos, cfg.sinks.threshold, runtime)
+        save_figure(sinks_figure({label: result["sinks"]}), out_dir / "sinks.png")
         write_report(out_dir, result)
     if tasks is not None:
         run_harness(tasks, result, cfg, model, datamodule, runtime)
         write_report(out_dir, result)
     log.info("report written to %s", out_dir)
     return result
+
+
+def eval_command() -> str | None:
+    """The command of this eval.py run, from the folder it ran in (None outside eval.py, e.g. in a test)."""
+    if not HydraConfig.initialized():
+        return None
+    hydra = HydraConfig.get()
+    return f"cd {shlex.quote(hydra.runtime.cwd)} && " + shlex.join(["python", "eval.py", *hydra.overrides.task])
+
+
+def scored_rows(datamodule, batches: list[dict], documents: list[str]) -> dict:
+    """Which rows were scored and how they were chosen, and the command that scores exactly them again."""
+    return {
+        **rows_fingerprint(batches, documents),
+        "chosen": "the first rows of the split, documents packed in stream order (shards ordered by seed)",
+        "split": "validation",
+        "corpus": datamodule.corpus.fingerprint(),
+        "seed": datamodule.seed,
+        "seq_len": datamodule.seq_len,
+        "tokenizer": type(datamodule.tokenizer).__name__,
+        "command": eval_command(),
+    }
 
 
 def run_harness(tasks, result: dict, cfg: DictConfig, model, datamodule, runtime: Runtime) -> None:
@@ -147,13 +184,18 @@ def side_by_side(images: list[np.ndarray]) -> np.ndarray:
 
 
 def compare_table(reports: list[dict]) -> str:
-    """The CV/BPB table of compare.md, one row per checkpoint."""
-    lines = ["| checkpoint | attention | step | BPB | loss | mean CV | routed CV |", "|---|---|---|---|---|---|---|"]
+    """The table of compare.md, one row per checkpoint; sink ratios by the gate, and by the explicit attention on
+    position 0 and on the own document start (sinks.rows > 0)."""
+    columns = "checkpoint | attention | step | BPB | loss | mean CV | routed CV | sink ratio: gate | pos. 0 | doc start"
+    lines = [f"| {columns} |", "|---" * 10 + "|"]
     for r in reports:
-        attention, routed = r["model"].get("attention", "hf"), r.get("cv_routed_mean")
+        attention, routed, sinks = r["model"].get("attention", "hf"), r.get("cv_routed_mean"), r.get("sinks")
+        explicit = [f"{sinks[key]['sink_ratio_mean']:.3f}" for key in ("position0", "document_start")] if sinks else []
         lines.append(
             f"| {r['checkpoint']} | {attention} | {r['step']} | {r['bpb']:.4f} | {r['loss']:.4f} | {r['cv_mean']:.3f} "
-            f"| {'-' if routed is None else f'{routed:.3f}'} |"
+            f"| {'-' if routed is None else f'{routed:.3f}'} | {r['sink_ratio_mean']:.3f} | "
+            + " | ".join(explicit or ["-", "-"])
+            + " |"
         )
     return "\n".join(lines)
 
@@ -169,6 +211,9 @@ def compare(cfg: DictConfig, paths: list[Path], out_dir: Path, runtime: Runtime)
     Image.fromarray(side_by_side(heatmaps)).save(out_dir / "importance_compare.png")
     if cfg.ablation.samples > 0:
         save_figure(ablation_figure({r["label"]: r["ablation"] for r in reports}), out_dir / "ablation_compare.png")
+    sinks = {r["label"]: r["sinks"] for r in reports if "sinks" in r}
+    if sinks:
+        save_figure(sinks_figure(sinks), out_dir / "sinks_compare.png")
     table = compare_table(reports)
     (out_dir / "compare.md").write_text(table + "\n")
     (out_dir / "compare.json").write_text(json.dumps(reports, indent=2))

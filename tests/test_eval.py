@@ -4,6 +4,7 @@ work where it is not installed."""
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -16,8 +17,9 @@ from omegaconf import OmegaConf
 
 from data.tokenizer import ByteTokenizer
 from evaluation.loading import Runtime, build_data, checkpoint_path, label_of, load_checkpoint
-from evaluation.metrics import ablation_masks, measure
+from evaluation.metrics import ablation_masks, measure, rows_fingerprint, validation_batches
 from evaluation.report import report
+from evaluation.sinks import attention_on_starts, document_starts, key_attention, sink_attention
 from model.attention import VARIANTS
 from model.generate import generate
 from model.gpt import GPT, GPTConfig, KVCache
@@ -82,6 +84,11 @@ def test_report_bpb_importance_and_ablation_match_training(trained, tmp_path):
 
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["bpb"] == result["bpb"] and len(saved["importance"]) == TINY["n_layer"]
+    imp = torch.tensor(saved["importance"])
+    assert saved["sink_ratio"] == (imp < 0.7).float().mean(1).tolist()  # threshold 0.3: a gate below 0.7 sinks
+    assert saved["scored_rows"]["count"] == ROWS and saved["scored_rows"]["command"] is None  # not run by eval.py
+    assert len((tmp_path / "documents.txt").read_text().splitlines()) == saved["scored_rows"]["documents"]
+    assert len(saved["sinks"]["position0"]["attention"]) == TINY["n_layer"] and (tmp_path / "sinks.png").exists()
     assert (tmp_path / "importance.png").stat().st_size > 0 and (tmp_path / "ablation.png").stat().st_size > 0
 
 
@@ -254,6 +261,10 @@ def test_cli_sample_hf_diagnosis_compare_and_a_missing_checkpoint(trained, tmp_p
     table = (tmp_path / "3" / "compare.md").read_text().splitlines()
     assert len(table) == 4 and table[2].split("|")[4:] == table[3].split("|")[4:]  # the same checkpoint twice
     assert (tmp_path / "3" / "importance_compare.png").exists() and (tmp_path / "3" / "1" / "report.json").exists()
+    assert (tmp_path / "3" / "sinks_compare.png").exists()
+    rows = [r["scored_rows"] for r in json.loads((tmp_path / "3" / "compare.json").read_text())]
+    command = shlex.split(rows[0]["command"].split(" && ")[1])
+    assert rows[0] == rows[1] and command == ["python", "eval.py", *compared.split(" ")]  # the command to rerun
 
 
 def test_run_name_and_bad_checkpoints_give_one_line_errors(tmp_path):
@@ -320,3 +331,97 @@ def test_tasks_that_cannot_run_keep_the_report_and_fail_in_one_line(trained, tmp
         assert why in saved["errors"]["tasks"] and "\n" not in saved["errors"]["tasks"]
         error_lines = [line for line in output.splitlines() if why in line]
         assert len(error_lines) == 2  # logged when found (before the long part) and as eval.py's exit message
+
+
+def test_scored_rows_are_the_same_every_time_and_their_documents_are_recorded(tmp_path):
+    cfg = eval_config(tmp_path)
+    datamodule = build_data(cfg, {**TINY, "vocab_size": ByteTokenizer().vocab_size})
+    batches, ids = validation_batches(datamodule, ROWS)
+    again, same_ids = validation_batches(datamodule, ROWS)
+    assert rows_fingerprint(batches, ids) == rows_fingerprint(again, same_ids) and ids == same_ids
+    loader_rows = torch.cat([b["input_ids"] for b in datamodule.loader("validation")])[:ROWS]
+    assert torch.equal(torch.cat([b["input_ids"] for b in batches]), loader_rows)  # the training validation's rows
+    texts = {}
+    for doc in datamodule.corpus.documents("validation", cfg.seed):
+        texts[doc["id"]] = doc["text"]
+        if len(texts) > len(ids):
+            break
+    streams = [[ByteTokenizer.bos_id, *ByteTokenizer().encode(texts[doc_id])] for doc_id in ids]
+    assert batches[0]["input_ids"][0].tolist() == sum(streams, [])[: TINY["seq_len"]]  # the first document(s)
+    tail = torch.cat([batches[-1]["input_ids"][-1, -8:], batches[-1]["targets"][-1, -1:]]).tolist()
+    assert str(tail)[1:-1] in str(streams[-1])  # the last row ends inside the last recorded document
+
+
+def test_document_starts_are_the_nearest_bos_at_or_before_each_position():
+    bos = 9
+    idx = torch.tensor([[bos, 1, 2, bos, 4, bos, bos, 7], [5, 1, 2, 3, bos, 4, 4, 4]])
+    assert document_starts(idx, bos).tolist() == [[0, 0, 0, 3, 3, 5, 6, 6], [0, 0, 0, 0, 4, 4, 4, 4]]
+
+
+def test_attention_on_position_0_and_on_the_own_document_start_by_hand():
+    probs = torch.tensor([[1.0, 0, 0, 0], [0.5, 0.5, 0, 0], [0.2, 0.3, 0.5, 0], [0.1, 0.1, 0.6, 0.2]])
+    starts = torch.tensor([[0, 0, 2, 2]])  # a document starts at 2
+    first, own = attention_on_starts(probs[None, None], starts)  # queries t = 1, 2, 3
+    assert first.tolist() == [pytest.approx(0.5 + 0.2 + 0.1)] and own.tolist() == [pytest.approx(0.5 + 0.5 + 0.6)]
+
+
+@pytest.mark.parametrize("attention", list(VARIANTS))
+def test_explicit_attention_agrees_with_the_models_own_gates(attention):
+    """Vanilla: the attention on position 0 is 1 - G; sink: the keys share G (the sink logit has 1 - G); gated: 1."""
+    model = random_model(attention)
+    idx = torch.randint(0, 64, (2, 20))
+    with torch.no_grad():
+        gates = model(idx)[1][0]
+        x = model.blocks[0].norm(torch.nn.functional.rms_norm(model.wte(idx), (64,)))
+        probs = key_attention(model.blocks[0].attn, x, model.rope_cos, model.rope_sin)
+    expected = {"vanilla": (probs[..., 0], 1 - gates), "sink": (probs.sum(-1), gates)}
+    got, want = expected.get(attention, (probs.sum(-1), torch.ones_like(gates)))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def forced_qk(x, cos, sin, bos_positions=(0, 5, 12), D=16):
+    """Every query attends to its latest BOS: key s scores 100·(s + 1)·sqrt(D) if s is a BOS position, else 0."""
+    T = x.size(1)
+    q = torch.zeros(1, 4, T, D)
+    q[..., 0] = 1.0
+    k = torch.zeros(1, 4, T, D)
+    for s in bos_positions:
+        k[..., s, 0] = 100.0 * (s + 1) * D**0.5
+    return q, k
+
+
+@pytest.mark.parametrize("attention", ["vanilla", "sink"])
+def test_heads_that_sink_on_document_starts_are_told_apart_from_position_0(attention):
+    """A row of three documents (BOS at 0, 5, 12) whose heads all attend to the latest BOS: queries t = 1..4 put all
+    their attention on position 0, which is also their document's start; t = 5..15 put it on 5 or 12."""
+    model = random_model(attention)
+    for block in model.blocks:
+        block.attn.rotated_qk = forced_qk
+        if attention == "sink":
+            block.attn.sink_logit.data.fill_(-1e4)  # the sink logit takes nothing: G = 1
+    bos = 63
+    row = torch.randint(0, 60, (1, 16))
+    row[0, [0, 5, 12]] = bos
+    result = sink_attention(model, [{"input_ids": row}], 1, bos, 0.3, Runtime("cpu", "fp32"))
+    assert result["queries"] == 15 and result["later_document_share"] == pytest.approx(11 / 15)
+    torch.testing.assert_close(torch.tensor(result["position0"]["attention"]), torch.full((2, 4), 4 / 15))
+    torch.testing.assert_close(torch.tensor(result["document_start"]["attention"]), torch.ones(2, 4))
+    assert result["position0"]["sink_ratio_mean"] == 0.0 and result["document_start"]["sink_ratio_mean"] == 1.0
+
+
+def test_uniform_attention_gives_the_hand_computed_means():
+    """q = 0 (zero query weights): every score is 0, so a query at t gives 1/(t + 1) to each key; with a sink logit
+    of 0 the keys share G = (t + 1)/(t + 2), 1/(t + 2) each."""
+    for attention, extra in (("vanilla", 1), ("gated", 1), ("sink", 2)):
+        model = random_model(attention)
+        for block in model.blocks:
+            block.attn.c_q.weight.data.zero_()
+            if attention == "sink":
+                block.attn.sink_logit.data.zero_()
+        row = torch.randint(0, 60, (1, 16))
+        row[0, 7] = 63
+        result = sink_attention(model, [{"input_ids": row}], 1, 63, 0.1, Runtime("cpu", "fp32"))
+        mean = sum(1 / (t + extra) for t in range(1, 16)) / 15
+        for name in ("position0", "document_start"):  # uniform: the same on every key
+            torch.testing.assert_close(torch.tensor(result[name]["attention"]), torch.full((2, 4), mean))
+            assert result[name]["sink_ratio_mean"] == float(mean > 0.1)
