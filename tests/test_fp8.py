@@ -3,7 +3,10 @@ not the gate projection), the converted model trains (torchao's emulated float8 
 run (the CPU, an older GPU, no torchao) the error is one line that names the fix."""
 
 import copy
+import csv
 import dataclasses
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -168,3 +171,22 @@ def test_train_py_with_fp8_on_the_cpu_fails_with_one_line(start_train, tmp_path)
     assert len(errors) == 1, output[-3000:]
     assert "model.fp8=tensorwise needs a CUDA GPU" in errors[0] and "set model.fp8=null" in errors[0]
     assert "Traceback" not in output and "torchao" not in output  # refused before torchao is imported
+
+
+@pytest.mark.slow
+def test_the_benchmark_gives_a_row_per_recipe_even_when_one_cannot_run(tmp_path):
+    """bench/throughput.py --fp8 --timeout --out on the CPU: bf16 is measured, the float8 row fails in its own process
+    with the one-line reason, and both rows are in the CSV."""
+    tiny = ["--model", "tiny", "--set", "n_layer=2", "n_embd=64", "seq_len=64", "--vocab", "256", "--batch-size", "2"]
+    command = [sys.executable, str(ROOT / "bench" / "throughput.py"), "--accelerator", "cpu", "--loops", "lightning"]
+    command += ["--no-compile", *tiny, "--warmup", "1", "--steps", "2", "--attention", "gated", "--aux", "1e-4"]
+    command += ["--fp8", "tensorwise", "--timeout", "240", "--out", str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    with open(tmp_path / "throughput.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert [(r["fp8"], r["status"][:6]) for r in rows] == [("bf16", "ok"), ("tensorwise", "failed")]
+    assert float(rows[0]["tokens_per_s"]) > 0 and float(rows[0]["compile_s"]) > 0
+    assert "set model.fp8=null" in rows[1]["status"]
+    assert "| tiny | gated | 0.0001 | lightning | tensorwise | failed (ValueError: model.fp8=tensorwise" in done.stdout
