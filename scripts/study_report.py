@@ -1,8 +1,10 @@
 """The study's report from what eval.py (compare mode) and the runs wrote: no metric is computed here.
 
-Reads outputs/study/eval/{corpus_a,corpus_b,finetune}_*/compare.json (the newest of each) and every run's
+Part 1 reads outputs/study/eval/{corpus_a,corpus_b,finetune}_*/compare.json (the newest of each) and every run's
 csv/metrics.csv; writes docs/study_results.md (tables), docs/study/*.csv|json (the numbers) and docs/img/study_*.png.
-Called by `python scripts/study.py report`.
+Part 2 reads the same from outputs/study2/ and writes docs/study2_results.md, docs/study2/, docs/img/study2_*.png,
+with a per-head gate trajectory of each fine-tuning (its logged heads/importance/LXX/HYY, shared heads marked).
+Called by `python scripts/study.py report` (build_report(..., part=2) for part 2).
 """
 
 import csv
@@ -30,6 +32,41 @@ def newest_compare(out: Path, kind: str) -> dict[str, dict]:
     if not folders:
         return {}
     return {run_name(r["checkpoint"]): r for r in json.loads((folders[-1] / "compare.json").read_text())}
+
+
+def head_gates(run_dir: Path) -> dict[tuple[int, int], list[tuple[int, float]]]:
+    """(layer, head) -> [(step, importance)] from the run's logged heads/importance/LXX/HYY."""
+    series: dict[tuple[int, int], list[tuple[int, float]]] = {}
+    for row in csv.DictReader(open(run_dir / "csv" / "metrics.csv")):
+        for key, value in row.items():
+            if value and (match := re.fullmatch(r"heads/importance/L(\d+)/H(\d+)", key)):
+                series.setdefault((int(match[1]), int(match[2])), []).append((int(row["step"]), float(value)))
+    return series
+
+
+def gate_trajectories_figure(run: str, gates: dict[tuple[int, int], list], shared: list[list[bool]] | None):
+    """One panel per layer, one line per head over the fine-tuning's steps; shared heads (Eq. 8) thick and solid,
+    routed heads thin and dashed."""
+    import matplotlib.pyplot as plt
+
+    layers = max(layer for layer, _ in gates) + 1
+    cols = min(layers, 4)
+    fig, axes = plt.subplots(-(-layers // cols), cols, figsize=(3 * cols, 2.4 * -(-layers // cols)), dpi=100,
+                             sharex=True, sharey=True, constrained_layout=True, squeeze=False)  # fmt: skip
+    for (layer, head), points in sorted(gates.items()):
+        is_shared = bool(shared and shared[layer][head])
+        steps, values = zip(*points, strict=True)
+        ax = axes.flat[layer]
+        style = {"linewidth": 2.2, "linestyle": "-"} if is_shared else {"linewidth": 0.9, "linestyle": "--"}
+        ax.plot(steps, values, color=f"C{head}", label=f"H{head}{' (shared)' if is_shared else ''}", **style)
+        ax.set_title(f"layer {layer}", fontsize=8)
+    for ax in axes.flat[layers:]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=6, ncol=2)
+    fig.supxlabel("fine-tuning step", fontsize=9)
+    fig.supylabel("importance (mean gate)", fontsize=9)
+    fig.suptitle(f"{run}\nper-head gates (thick solid: shared heads)", fontsize=9)
+    return fig
 
 
 def logged(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -71,6 +108,8 @@ def run_rows(out: Path, evals: dict[str, dict[str, dict]], tokens_per_step: int)
             "bpb_corpus_b": round(b["bpb"], 4) if b else None,
             "mean_cv": round(a["cv_mean"], 4),
             "routed_cv": round(a["cv_routed_mean"], 4) if "cv_routed_mean" in a else None,
+            "sink_ratio": round(a["sink_ratio_mean"], 3) if "sink_ratio_mean" in a else None,
+            **explicit_sink_ratios(a),
             "gate_min": round(float(imp.min()), 3),
             "gate_max": round(float(imp.max()), 3),
             "logged_val_bpb": round(log["val/bpb"][-1][1], 4),
@@ -79,12 +118,21 @@ def run_rows(out: Path, evals: dict[str, dict[str, dict]], tokens_per_step: int)
     return rows
 
 
-def tokens_per_step() -> int:
-    """data.batch_size x model.seq_len of the study's runs (conf/experiment/study/base.yaml; one GPU each)."""
+def explicit_sink_ratios(report: dict) -> dict:
+    """Sink ratios from eval.py's explicit attention: on position 0 and on each query's own document start."""
+    sinks = report.get("sinks")
+    return {
+        f"sink_ratio_{name}": round(sinks[name]["sink_ratio_mean"], 3) if sinks else None
+        for name in ("position0", "document_start")
+    }
+
+
+def tokens_per_step(experiment: str) -> int:
+    """data.batch_size x model.seq_len of the part's runs (one GPU each), from one of its experiment files."""
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(Path(__file__).parents[1] / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=["experiment=study/vanilla"])
+        cfg = compose("train", overrides=[f"experiment={experiment}"])
     return cfg.data.batch_size * cfg.model.seq_len
 
 
@@ -101,6 +149,7 @@ def finetune_rows(reports: dict[str, dict]) -> list[dict]:
             "strongest_head_gate": round(float(imp.max(axis=1).mean()), 4),
             "mean_cv": round(r["cv_mean"], 4),
             "routed_cv": round(r["cv_routed_mean"], 4) if "cv_routed_mean" in r else None,
+            "sink_ratio": round(r["sink_ratio_mean"], 3) if "sink_ratio_mean" in r else None,
         })  # fmt: skip
     return rows
 
@@ -144,13 +193,25 @@ def heatmaps(reports: list[dict], labels: list[str]) -> np.ndarray:
     return np.concatenate(rows, axis=0)
 
 
-def build_report(out: Path, docs: Path, img: Path) -> None:
+# What differs between the parts: file names, the experiment that gives the batch size, what the fine-tunings start
+# from, and which runs the ablation figure shows (part 1: the variants without the aux loss, and gated with it).
+PARTS = {
+    1: {"name": "study", "experiment": "study/vanilla", "start": "the vanilla lambda=0 run",
+        "ablation": lambda run: "lambda0.0_seed1337" in run or run.startswith("gated_")},
+    2: {"name": "study2", "experiment": "study2/gated_seed2", "start": "the collapsed gated lambda=0 run of part 1",
+        "ablation": lambda run: True},
+}  # fmt: skip
+
+
+def build_report(out: Path, docs: Path, img: Path, part: int = 1) -> None:
+    spec = PARTS[part]
+    name = spec["name"]
     evals = {kind: newest_compare(out, kind) for kind in ("corpus_a", "corpus_b", "finetune")}
     if not evals["corpus_a"]:
         raise SystemExit(f"no eval under {out / 'eval'}: run `python scripts/study.py eval` first")
     docs.mkdir(parents=True, exist_ok=True)
     img.mkdir(parents=True, exist_ok=True)
-    rows = run_rows(out, evals, tokens_per_step())
+    rows = run_rows(out, evals, tokens_per_step(spec["experiment"]))
     with open(docs / "runs.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -165,29 +226,37 @@ def build_report(out: Path, docs: Path, img: Path) -> None:
             writer.writerows([run, step, round(cv, 5), val.get(step, "")] for step, cv in log["heads/cv_mean"])
     for kind, reports in evals.items():
         (docs / f"eval_{kind}.json").write_text(json.dumps(list(reports.values()), indent=1))
-    save_figure(cv_curves_figure(out, pretrained), img / "study_cv_curves.png")
+    save_figure(cv_curves_figure(out, pretrained), img / f"{name}_cv_curves.png")
     a = evals["corpus_a"]
-    Image.fromarray(heatmaps([a[r] for r in pretrained], pretrained)).save(img / "study_heatmaps.png")
-    # the three variants without the aux loss, and gated with it (the one variant whose heads are imbalanced)
-    shown = [r for r in pretrained if ("lambda0.0_seed1337" in r or r.startswith("gated_")) and "ablation" in a[r]]
-    save_figure(ablation_figure({r: a[r]["ablation"] for r in shown}), img / "study_ablation.png")
-    if evals["finetune"]:
-        tuned = sorted(evals["finetune"], key=sort_key)
+    Image.fromarray(heatmaps([a[r] for r in pretrained], pretrained)).save(img / f"{name}_heatmaps.png")
+    shown = [r for r in pretrained if spec["ablation"](r) and "ablation" in a[r]]
+    save_figure(ablation_figure({r: a[r]["ablation"] for r in shown}), img / f"{name}_ablation.png")
+    figures = ["cv_curves", "heatmaps", "ablation"]
+    tuned = sorted(evals["finetune"], key=sort_key)
+    if tuned:
         finetune = heatmaps([evals["finetune"][r] for r in tuned], tuned)
-        Image.fromarray(finetune).save(img / "study_finetune.png")
-    tuned = finetune_rows(evals["finetune"]) if evals["finetune"] else []
-    (docs.parent / "study_results.md").write_text(
-        "# Study results (generated by `python scripts/study.py report`; do not edit)\n\n"
-        "Every number comes from eval.py compare mode (`docs/study/eval_*.json`) or the runs' CSV logs "
-        "(`docs/study/cv_curves.csv`). Data: corpus_a (Wikipedia, blogs, IMDb reviews; not FineWeb-Edu).\n\n"
+        Image.fromarray(finetune).save(img / f"{name}_finetune.png")
+        figures.append("finetune")
+    for run in (r for r in tuned if r.startswith("finetune") and (out / r / "csv").is_dir()):
+        shared = evals["finetune"][run].get("shared_heads")
+        save_figure(gate_trajectories_figure(run, head_gates(out / run), shared), img / f"{name}_gates_{run}.png")
+        figures.append(f"gates_{run}")
+    tuned_rows = finetune_rows(evals["finetune"]) if tuned else []
+    (docs.parent / f"{name}_results.md").write_text(
+        f"# Study results, part {part} (generated by `python scripts/study.py report`; do not edit)\n\n"
+        f"Every number comes from eval.py compare mode (`docs/{name}/eval_*.json`) or the runs' CSV logs "
+        f"(`docs/{name}/cv_curves.csv`). BPB on corpus_b is over the rows eval.py recorded in `scored_rows` of "
+        "`eval_corpus_b.json` (their documents' ids hashed, and the command that scores them again). Sink ratio: the "
+        "share of heads whose mean attention on the sink exceeds 0.3 (from the gates; `sink_ratio_position0` / "
+        "`_document_start` from the explicit attention on position 0 / on each query's own document start).\n\n"
         + markdown_table(rows)
         + (
-            "\n\nFine-tuning from the vanilla lambda=0 run (gates of each layer's weakest and strongest head, "
-            "as eval.py measured them, averaged over the layers):\n\n" + markdown_table(tuned)
-            if tuned
+            f"\n\nFine-tuning from {spec['start']} (gates of each layer's weakest and strongest head, "
+            "as eval.py measured them, averaged over the layers):\n\n" + markdown_table(tuned_rows)
+            if tuned_rows
             else ""
         )
-        + "\n\n![CV over training](img/study_cv_curves.png)\n\n![importance heatmaps](img/study_heatmaps.png)\n\n"
-        "![head ablation](img/study_ablation.png)\n\n![fine-tuning](img/study_finetune.png)\n"
+        + "".join(f"\n\n![{figure}](img/{name}_{figure}.png)" for figure in figures)
+        + "\n"
     )
     print(markdown_table(rows))
