@@ -8,6 +8,7 @@ python train.py run=NAME                           # again: resumes that run fro
 How resume, SLURM requeue and sweeps work: docs/checkpointing.md.
 """
 
+import contextlib
 import logging
 import os
 import secrets
@@ -27,7 +28,9 @@ from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from callbacks.checkpoint import BackgroundCheckpointIO, CheckpointWriteError, resume_checkpoint
+from checkpoints import reader
+from checkpoints.lock import hold_run_dir, launched_as_rank_zero
+from checkpoints.writer import BackgroundCheckpointIO, CheckpointWriteError, remove_partial_writes
 from model.lit import SinkAwareLM
 
 log = logging.getLogger("train")
@@ -116,12 +119,21 @@ def main(cfg: DictConfig) -> None:
     L.seed_everything(cfg.seed, workers=True)
     trainer = None
     try:
-        datamodule, module, trainer = build(cfg)
-        log.info("model: %s, %.2fM parameters", module.model.cfg, module.model.num_params() / 1e6)
-        # Lightning's own ModelCheckpoint (when ours are switched off) has no directory before fit: nothing to resume
-        ckpt_path = resume_checkpoint([c.dirpath for c in trainer.checkpoint_callbacks if c.dirpath])
-        log.info("run directory %s: %s", cfg.paths.output_dir, f"resuming {ckpt_path}" if ckpt_path else "a new run")
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        # Rank 0 holds the run directory for the whole run: a second train.py on it stops here, before any work.
+        owner = launched_as_rank_zero()
+        with hold_run_dir(Path(cfg.paths.output_dir)) if owner else contextlib.nullcontext():
+            datamodule, module, trainer = build(cfg)
+            log.info("model: %s, %.2fM parameters", module.model.cfg, module.model.num_params() / 1e6)
+            # Lightning's own ModelCheckpoint (when ours are switched off) has no directory before fit: none to resume
+            checkpoint_dirs = [c.dirpath for c in trainer.checkpoint_callbacks if c.dirpath]
+            if owner:
+                remove_partial_writes(checkpoint_dirs)
+            ckpt_path = reader.find_resumable(checkpoint_dirs)
+            if ckpt_path:
+                reader.check_same_model(ckpt_path, module.hparams["model"])
+            start = f"resuming {ckpt_path}" if ckpt_path else "a new run"
+            log.info("run directory %s: %s", cfg.paths.output_dir, start)
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     except (ValueError, FileNotFoundError, CheckpointWriteError) as err:
         # Errors we raise for bad input already say what is wrong and how to fix it: no traceback wall.
         log.error("%s (set HYDRA_FULL_ERROR=1 for the traceback)", err)

@@ -1,17 +1,12 @@
-"""Checkpoints a run can always resume from, exactly (docs/checkpointing.md).
+"""The checkpoint callbacks of a run (docs/checkpointing.md); writing is in checkpoints/writer.py, reading in
+checkpoints/reader.py.
 
-- AtomicCheckpointIO writes `<file>.tmp` next to the checkpoint, fsyncs it and renames it over the old one, so a
-  crash or a full disk mid-write never leaves a truncated checkpoint. Lightning's own local save goes through an
-  fsspec "transaction" that writes to the system temp dir and then moves the file: on a cluster that is another
-  filesystem (node-local /tmp), where the move is a plain copy that a kill can cut short.
-- BackgroundCheckpointIO does the same write in a background thread: training waits only for a copy of the state in
-  host memory.
 - LastCheckpoint writes last.ckpt every N minutes (or N optimizer steps), when training ends, on SIGTERM and on the
   requeue signal, then requeues the SLURM job. Lightning's own SLURM handler saves from inside the signal handler, in
   the middle of a step (weights, optimizer and data position out of step with each other); this one waits for the
   end of the step, so the checkpoint is as exact as a scheduled one.
+- BestCheckpoints keeps the save_top_k best by a metric, counting the ones already on disk from before a resume.
 - RandomState saves every rank's random generators and restores them where the uninterrupted run had them.
-- resume_checkpoint picks the newest readable checkpoint of the run; an unreadable one is skipped, saying so.
 """
 
 import logging
@@ -19,191 +14,20 @@ import os
 import random
 import signal
 import subprocess
-import time
-import zipfile
-from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
-from fsspec.implementations.local import LocalFileSystem
-from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
-from lightning_utilities.core.apply_func import apply_to_collection
-from torch.distributed.tensor import DTensor
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+from checkpoints import reader
+from checkpoints.writer import BackgroundCheckpointIO, tensors_in
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_KEYS = ("state_dict", "optimizer_states", "loops", "global_step")
-
-
-class CheckpointWriteError(OSError):
-    """A checkpoint could not be written (a full disk, a quota); the previous one is untouched."""
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
-        if not isinstance(get_filesystem(path), LocalFileSystem):
-            return super().save_checkpoint(checkpoint, path, storage_options)  # object stores write whole objects
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".tmp")
-        try:
-            with open(partial, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-        except BaseException as err:
-            partial.unlink(missing_ok=True)
-            if isinstance(err, OSError):
-                raise CheckpointWriteError(
-                    f"could not write checkpoint {path} ({err}); the previous one is untouched"
-                ) from None
-            raise
-        os.replace(partial, path)
-        directory = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
-
-
-class BackgroundCheckpointIO(AtomicCheckpointIO):
-    """AtomicCheckpointIO's write in a background thread: training waits only for a copy of the checkpoint in host
-    memory (`host_copy`), then goes on while the copy is written, fsynced and renamed. One write in flight at most:
-    a save first waits for the previous one. Removals of old checkpoints (ModelCheckpoint's top-k) run in the same
-    queue, after the write that replaces them, and are skipped if a write failed: a failed write never leaves the run
-    without its last good checkpoint. A failed write is logged when it fails and raised as CheckpointWriteError at the
-    next save, or at teardown (the end of fit, whatever ended it), so the run exits non-zero.
-
-    Lightning's AsyncCheckpointIO is not used: it clones the tensors on the GPU (a second copy of the weights and
-    optimizer state in GPU memory), lets writes pile up, and removes old files before the new one is written."""
-
-    def __init__(self):
-        super().__init__()
-        self.executor = None  # created at the first save: teardown shuts it down, and fit can be called again
-        self.pending: list[Future] = []  # the write in flight and the removals queued behind it
-        self.error = None  # a failed write, raised in the training thread by wait()
-        # {CUDA tensor key: its pinned host buffer}, kept for the whole run: pinning 6.7 GB (0.6b with its AdamW
-        # state) takes 4.5-5 s on an H200, copying into pinned memory ~0.2 s. See reserve().
-        self.buffers: dict[tuple, torch.Tensor] = {}
-        self.buffered_step, self.filled = None, set()  # the step the buffers hold, and which of them hold it
-
-    def reserve(self, tensors) -> None:
-        """Pins the host buffers of these CUDA tensors now (LastCheckpoint calls it after the first step, when the
-        optimizer state exists), so that no checkpoint holds training for it. DTensors (FSDP) are skipped: rank 0
-        gathers them into host memory itself."""
-        start, pinned = time.perf_counter(), 0
-        for tensor in tensors:
-            key = tensor_key(tensor)
-            if tensor.is_cuda and not isinstance(tensor, DTensor) and key not in self.buffers:
-                self.buffers[key] = pinned_like(tensor)
-                pinned += tensor.nbytes
-        if pinned:
-            seconds = time.perf_counter() - start
-            log.info("pinned %.1f GB of host memory for the checkpoints in %.2f s", pinned / 1e9, seconds)
-
-    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
-        start = time.perf_counter()
-        step = checkpoint.get("global_step")
-        # A second checkpoint of the same step (best-k right after last.ckpt at a validation step) holds the same
-        # weights and optimizer state: the buffers being written already hold them, so it need not wait.
-        if not (self.pending and self.buffered_step == step):
-            self.wait()
-            self.buffered_step, self.filled = step, set()
-        waited = time.perf_counter() - start
-        snapshot = host_copy(checkpoint, self.buffers, self.filled)
-        for key in self.buffers.keys() - self.filled:  # tensors gone since (or reserved and never saved)
-            del self.buffers[key]
-        held = time.perf_counter() - start
-        self.submit(self.write, snapshot, path, storage_options, held, waited)
-
-    def write(self, snapshot: dict, path, storage_options, held: float, waited: float) -> None:
-        start = time.perf_counter()
-        try:
-            super().save_checkpoint(snapshot, path, storage_options)
-        except Exception as err:  # AtomicCheckpointIO has removed the partial file
-            expected = isinstance(err, CheckpointWriteError)  # a full disk, a quota: no traceback needed
-            self.error = err if expected else CheckpointWriteError(f"could not write checkpoint {path} ({err!r})")
-            log.error("%s", self.error, exc_info=None if expected else err)
-            return
-        written = time.perf_counter() - start
-        message = "checkpoint %s: training held %.2f s (%.2f s waiting for the previous write), written in %.2f s"
-        log.info(message, path, held, waited, written)
-
-    def remove_checkpoint(self, path) -> None:
-        self.submit(self.remove_unless_a_write_failed, path)
-
-    def remove_unless_a_write_failed(self, path) -> None:
-        if self.error is None:  # else the file may be the last good checkpoint
-            super().remove_checkpoint(path)
-
-    def submit(self, fn, *args) -> None:
-        if self.executor is None:
-            self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
-        self.pending.append(self.executor.submit(fn, *args))
-
-    def wait(self) -> None:
-        """Until every queued write and removal is done; raises CheckpointWriteError if a write failed."""
-        for future in self.pending:
-            future.result()
-        self.pending = []
-        error, self.error = self.error, None  # raised once: teardown after this error must not raise it again
-        if error is not None:
-            raise error
-
-    def teardown(self) -> None:
-        try:
-            self.wait()
-        finally:
-            if self.executor is not None:
-                self.executor.shutdown()
-                self.executor = None
-
-
-def host_copy(checkpoint: dict, buffers: dict, filled: set) -> dict:
-    """The checkpoint with every tensor copied to host memory and every container rebuilt: training goes on changing
-    the weights, the optimizer state and Lightning's own dicts (ModelCheckpoint's best_k_models) while the copy is
-    written. A CUDA tensor goes to its pinned buffer in `buffers` (created if missing), which the copy engine fills at
-    tens of GB/s, unless its key is in `filled`: that buffer already holds this step's values. `filled` is updated."""
-    gpus = set()
-
-    def copy(tensor: torch.Tensor) -> torch.Tensor:
-        if not tensor.is_cuda:
-            return tensor.detach().to("cpu", copy=True)
-        key = tensor_key(tensor)
-        if key not in buffers:
-            buffers[key] = pinned_like(tensor)
-        if key not in filled:
-            buffers[key].copy_(tensor.detach(), non_blocking=True)
-            filled.add(key)
-            gpus.add(tensor.device)
-        return buffers[key]
-
-    snapshot = apply_to_collection(checkpoint, torch.Tensor, copy)
-    for gpu in gpus:
-        torch.cuda.synchronize(gpu)  # the copies are complete before the writer reads them
-    return snapshot
-
-
-def pinned_like(tensor: torch.Tensor) -> torch.Tensor:
-    return torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-
-
-def tensors_in(collection) -> list[torch.Tensor]:
-    found = []
-    apply_to_collection(collection, torch.Tensor, found.append)
-    return found
-
-
-def tensor_key(tensor: torch.Tensor) -> tuple:
-    """Which tensor this is, across saves: the parameters and the optimizer state keep their memory for the run."""
-    return tensor.device, tensor.data_ptr(), tuple(tensor.shape), tensor.stride(), tensor.dtype
 
 
 class LastCheckpoint(ModelCheckpoint):
@@ -299,6 +123,43 @@ class LastCheckpoint(ModelCheckpoint):
                 log.error("`scontrol requeue %s` failed (%s): resubmit the job to resume", job, result.stderr.strip())
 
 
+class BestCheckpoints(ModelCheckpoint):
+    """ModelCheckpoint whose kept set is what is on disk: when training starts (new or resumed), its best-k are
+    recomputed from its files in dirpath (the score each holds in its own callback state), and the worst beyond
+    save_top_k are removed. Lightning restores the set saved in the resumed checkpoint instead, which misses a best
+    checkpoint written after it (a validation right after last.ckpt, a kill): such files stayed forever."""
+
+    def on_train_start(self, trainer, pl_module):
+        super().on_train_start(trainer, pl_module)
+        if self.monitor is None or self.save_top_k <= 0:
+            return  # no ranking: nothing is removed
+        scores = self.scores_on_disk()
+        ranked = sorted(scores, key=lambda path: scores[path], reverse=self.mode == "max")
+        for path in ranked[self.save_top_k :]:
+            log.info("removing %s: not among the %d best checkpoints on disk", path, self.save_top_k)
+            trainer.strategy.remove_checkpoint(path)  # global rank 0 only
+        self.best_k_models = {path: scores[path] for path in ranked[: self.save_top_k]}
+        if self.best_k_models:
+            self.best_model_path, self.kth_best_model_path = ranked[0], ranked[: self.save_top_k][-1]
+            self.best_model_score, self.kth_value = scores[self.best_model_path], scores[self.kth_best_model_path]
+
+    def scores_on_disk(self) -> dict[str, torch.Tensor]:
+        """{path: its score} for this callback's checkpoints in dirpath: those whose name starts as its filename."""
+        prefix = (self.filename or "").split("{")[0]
+        last = self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION
+        scores = {}
+        for path in Path(self.dirpath).glob(f"{prefix}*{self.FILE_EXTENSION}"):
+            if path.name == last:
+                continue
+            try:
+                state = reader.metadata(path).get("callbacks", {}).get(self.state_key, {})
+            except (ValueError, FileNotFoundError):  # unreadable (resume skips it too) or removed meanwhile
+                continue
+            if state.get("current_score") is not None:
+                scores[str(path)] = torch.as_tensor(state["current_score"])
+        return scores
+
+
 class RandomState(L.Callback):
     """Every rank's random generators (Python, NumPy, torch CPU and CUDA) in the checkpoint, restored when training
     starts: after the data loaders have been created (which draws from torch's generator in both runs), so the
@@ -352,48 +213,3 @@ def set_generator_states(states: dict) -> None:
     torch.set_rng_state(states["torch"])
     if states["cuda"]:
         torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def saved_step(path: Path) -> int:
-    """The global step of a training checkpoint; reads only its pickle (the tensors stay memory-mapped).
-    Raises ValueError saying why the file is not a loadable training checkpoint."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # torch, zip and pickle errors all mean the same here
-        raise ValueError(f"truncated, corrupt or not loadable with weights_only: {str(err).splitlines()[0]}") from None
-    missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
-    if missing:
-        raise ValueError(f"not a training checkpoint (no {', '.join(missing)})")
-    return checkpoint["global_step"]
-
-
-def corrupt_record(path: Path) -> str | None:
-    """The first record whose CRC does not match (a flipped byte anywhere in the file), or None."""
-    with zipfile.ZipFile(path) as archive:
-        return archive.testzip()
-
-
-def resume_checkpoint(dirpaths: list[str]) -> str | None:
-    """The checkpoint of the highest global step in these directories (last.ckpt on a tie), or None if there is
-    none: a new run. Unreadable files are skipped with a warning that names them; if no file is readable, a
-    ValueError says what to do."""
-    found = {path for d in dirpaths if Path(d).is_dir() for path in Path(d).glob("*.ckpt")}
-    steps, problems = {}, []
-    for path in found:
-        try:
-            steps[path] = saved_step(path)
-        except ValueError as err:
-            problems.append(f"{path} is unreadable ({err})")
-    for path in sorted(steps, key=lambda p: (steps[p], p.name == "last.ckpt"), reverse=True):
-        record = corrupt_record(path)  # read in full only for the file chosen
-        if record is None:
-            if problems:
-                rank_zero_warn(f"resuming from the previous good checkpoint {path}: {'; '.join(problems)}")
-            return str(path)
-        problems.append(f"{path} is corrupt (record {record} fails its CRC check)")
-    if problems:
-        raise ValueError(
-            f"no readable checkpoint to resume from: {'; '.join(problems)}. Move these files away to start the run "
-            "over, or pick another run name (run=NAME)"
-        )
-    return None

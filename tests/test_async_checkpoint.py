@@ -15,12 +15,9 @@ from helpers import quiet_trainer
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from callbacks.checkpoint import (
-    BackgroundCheckpointIO,
-    CheckpointWriteError,
-    LastCheckpoint,
-    resume_checkpoint,
-)
+from callbacks.checkpoint import LastCheckpoint
+from checkpoints.reader import find_resumable
+from checkpoints.writer import BackgroundCheckpointIO, CheckpointWriteError
 
 ROOT = Path(__file__).parents[1]
 real_save = torch.save
@@ -100,7 +97,7 @@ def test_a_failed_background_write_is_reported_and_the_previous_checkpoint_stays
     assert f"could not write checkpoint {tmp_path / 'last.ckpt'}" in caplog.text  # logged when it failed
     assert [path.name for path in tmp_path.iterdir()] == ["last.ckpt"]  # no .tmp left behind
     assert saved(tmp_path / "last.ckpt") == (failing_from - 2, failing_from - 2)
-    assert resume_checkpoint([str(tmp_path)]) == str(tmp_path / "last.ckpt")
+    assert find_resumable([str(tmp_path)]) == str(tmp_path / "last.ckpt")
 
 
 def test_an_old_checkpoint_is_removed_after_its_replacement_is_written_and_kept_if_that_fails(tmp_path, monkeypatch):

@@ -13,13 +13,9 @@ import pytest
 import torch
 from helpers import csv_rows, quiet_trainer
 
-from callbacks.checkpoint import (
-    AtomicCheckpointIO,
-    CheckpointWriteError,
-    LastCheckpoint,
-    RandomState,
-    resume_checkpoint,
-)
+from callbacks.checkpoint import LastCheckpoint, RandomState
+from checkpoints.reader import find_resumable
+from checkpoints.writer import AtomicCheckpointIO, CheckpointWriteError
 
 STEPS = 16
 RUN = [
@@ -119,7 +115,7 @@ def test_a_failed_background_write_stops_train_py_with_an_error_and_keeps_the_la
     assert output.count(error) == 2, output[-3000:]  # when it failed, and as the reason the run stopped
     assert "Traceback" not in output
     assert [path.name for path in last.parent.iterdir()] == ["last.ckpt"]  # no .tmp
-    assert saved_step(last) == 4 and resume_checkpoint([str(last.parent)]) == str(last)
+    assert saved_step(last) == 4 and find_resumable([str(last.parent)]) == str(last)
 
 
 def fake_checkpoint(path: Path, step: int) -> Path:
@@ -133,16 +129,16 @@ def test_a_truncated_last_checkpoint_falls_back_to_the_previous_good_one_saying_
     last = fake_checkpoint(tmp_path / "last.ckpt", 8)
     last.write_bytes(last.read_bytes()[:-100])
     with pytest.warns(UserWarning, match=r"previous good checkpoint .*best-step=4.ckpt: .*last.ckpt is unreadable"):
-        assert resume_checkpoint([str(tmp_path)]) == str(good)
+        assert find_resumable([str(tmp_path)]) == str(good)
 
 
 def test_the_highest_step_wins_and_last_on_a_tie(tmp_path):
     fake_checkpoint(tmp_path / "best-step=8.ckpt", 8)
     last = fake_checkpoint(tmp_path / "last.ckpt", 8)
     fake_checkpoint(tmp_path / "best-step=4.ckpt", 4)  # written last, but older in steps
-    assert resume_checkpoint([str(tmp_path)]) == str(last)
+    assert find_resumable([str(tmp_path)]) == str(last)
     newer = fake_checkpoint(tmp_path / "best-step=12.ckpt", 12)
-    assert resume_checkpoint([str(tmp_path)]) == str(newer)
+    assert find_resumable([str(tmp_path)]) == str(newer)
 
 
 def test_a_flipped_byte_inside_a_tensor_is_caught(tmp_path):
@@ -152,14 +148,14 @@ def test_a_flipped_byte_inside_a_tensor_is_caught(tmp_path):
     data[data.index(torch.ones(64).numpy().tobytes()) + 5] ^= 0xFF
     last.write_bytes(bytes(data))
     with pytest.warns(UserWarning, match=r"last.ckpt is corrupt \(record .* fails its CRC check\)"):
-        assert resume_checkpoint([str(tmp_path)]) == str(good)
+        assert find_resumable([str(tmp_path)]) == str(good)
 
 
 def test_no_readable_checkpoint_is_an_error_and_none_at_all_is_a_new_run(tmp_path):
-    assert resume_checkpoint([str(tmp_path), str(tmp_path / "missing")]) is None
+    assert find_resumable([str(tmp_path), str(tmp_path / "missing")]) is None
     (tmp_path / "last.ckpt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match=r"no readable checkpoint to resume from: .*last.ckpt is unreadable"):
-        resume_checkpoint([str(tmp_path)])
+        find_resumable([str(tmp_path)])
 
 
 @pytest.mark.slow

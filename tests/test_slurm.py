@@ -21,7 +21,8 @@ import torch
 from conftest import TINY
 from hydra import compose, initialize_config_dir
 
-from callbacks.checkpoint import LastCheckpoint, resume_checkpoint
+from callbacks.checkpoint import LastCheckpoint
+from checkpoints.reader import find_resumable
 
 ROOT = Path(__file__).parents[1]
 SCRIPT = ROOT / "scripts" / "slurm_local.sh"
@@ -213,7 +214,7 @@ def test_scancel_keeps_the_last_checkpoint_and_the_launcher_reports_the_cancelle
         pytest.fail(f"the launcher still waits for cancelled job {job}")
     assert returncode != 0 and "CANCELLED" in launcher.read_output(), launcher.read_output()[-3000:]
     assert wait_for_job(job)["JobState"] == "CANCELLED"
-    assert resume_checkpoint([str(last().parent)]) == str(last())  # read in full, CRCs checked
+    assert find_resumable([str(last().parent)]) == str(last())  # read in full, CRCs checked
     assert not list(last().parent.glob("*.tmp"))
     steps = probe(job_dir())[1]
     assert saved_step(last()) == steps[-1][0], "SIGTERM: not saved at the end of the step in progress"
