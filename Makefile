@@ -4,7 +4,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: help install train test lint bench study clean
+.PHONY: help install train test lint bench study study2 clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -33,6 +33,11 @@ study: install  ## the study of docs/study.md on this machine's GPUs (corpus_a/,
 	$(BIN)/python scripts/study.py train
 	$(BIN)/python scripts/study.py eval
 	$(BIN)/python scripts/study.py report
+
+study2: install  ## part 2 of the study (when do sinks form; claim 4 from collapsed heads; seeds): docs/study.md
+	$(BIN)/python scripts/study.py train --part 2 --per-gpu 3 data.num_workers=3
+	$(BIN)/python scripts/study.py eval --part 2
+	$(BIN)/python scripts/study.py report --part 2
 
 clean:  ## remove caches and local run outputs
 	rm -rf outputs multirun .pytest_cache .ruff_cache

@@ -2,18 +2,18 @@
 
     python scripts/study.py train [--part 2] [--per-gpu K] [--only a,b] [--stop-launching-after S] [--stop-after S]
                                   [OVERRIDE ...]
-    python scripts/study.py eval [OVERRIDE ...]   # eval.py eval_mode=compare: corpus_a val., corpus_b, fine-tuning
-    python scripts/study.py report                # docs/study_results.md, docs/study/*.csv|json, docs/img/study_*.png
-    make study                                    # all three
+    python scripts/study.py eval [--part 2] [OVERRIDE ...]  # eval.py eval_mode=compare: corpus_a, corpus_b, fine-tunes
+    python scripts/study.py report [--part 2]   # docs/study{,2}_results.md, docs/study{,2}/, docs/img/study{,2}_*.png
+    make study                                  # all three, part 1 (make study2: part 2)
 
 The runs of part 1 are conf/experiment/study/*.yaml, those of part 2 (when do sinks form) conf/experiment/study2/*.yaml
 (base.yaml is each folder's shared part), each `python train.py experiment=study/NAME` in outputs/study/... (study2:
 outputs/study2/...): a run that exists already resumes from its last checkpoint (a finished one ends at once). --only
 names runs of the part's folder (or, with a slash, any experiment: study/gated). Runs are spread over the GPUs, K at a
 time on each; a fine-tuning run starts once the run it starts from has finished, and that run is trained first when
-it is neither finished nor asked for. eval and report are part 1's. The data (corpus_a/ and corpus_b/) is read from
-$SINKAWARE_DATA, by default .data/ in the repository. Every figure and number of the report comes from eval.py's
-compare.json and the runs' metrics.csv: this script only gathers and draws them.
+it is neither finished nor asked for. The data (corpus_a/ and corpus_b/) is read from $SINKAWARE_DATA, by default
+.data/ in the repository. Every figure and number of the report comes from eval.py's compare.json and the runs'
+metrics.csv: this script only gathers and draws them.
 """
 
 import argparse
@@ -44,8 +44,7 @@ STARTS_FROM = {
     **{f"study/{name}": "study/vanilla" for name in FINETUNES},
     **{f"study2/finetune_gated_m{m}": "study/gated" for m in (0, 2, 4)},
 }
-OUT = ROOT / "outputs" / "study"
-DOCS, IMG = ROOT / "docs" / "study", ROOT / "docs" / "img"
+IMG = ROOT / "docs" / "img"
 
 
 def run_dir(experiment: str) -> Path:
@@ -144,19 +143,29 @@ def stop(slots: dict, queue: list[str]) -> None:
     print(f"[study] not started (time limit): {queue}", flush=True)
 
 
-def checkpoints(names: list[str]) -> list[str]:
-    """last.ckpt of each finished part-1 run among names."""
-    return [str(run_dir(f"study/{n}") / "checkpoints" / "last.ckpt") for n in names if finished(f"study/{n}")]
+def checkpoints(experiments: list[str]) -> list[str]:
+    """last.ckpt of each finished run among the experiments (names with their folder: study2/vanilla_wd0.5)."""
+    return [str(run_dir(e) / "checkpoints" / "last.ckpt") for e in experiments if finished(e)]
 
 
-def evaluate(overrides: list[str]) -> None:
-    """eval.py eval_mode=compare: corpus_a's validation split (with head ablation), all of corpus_b (unseen text),
-    and the fine-tuning runs beside the run they started from."""
+def eval_sets(part: int) -> tuple[list[str], list[str]]:
+    """The pretraining runs of a part, and the fine-tuning runs together with the run they start from."""
+    if part == 1:
+        return [f"study/{n}" for n in RUNS], [f"study/{n}" for n in ["vanilla", *FINETUNES]]
+    tuned = [f"study2/{n}" for n in RUNS_2 if f"study2/{n}" in STARTS_FROM]
+    pretrained = [f"study2/{n}" for n in RUNS_2 if f"study2/{n}" not in STARTS_FROM]
+    return pretrained, [STARTS_FROM[tuned[0]], *tuned]
+
+
+def evaluate(part: int, overrides: list[str]) -> None:
+    """eval.py eval_mode=compare: corpus_a's validation split (with head ablation), corpus_b (unseen text), and the
+    fine-tuning runs beside the run they started from. Each compare.json records the rows it scored."""
     data_dir = Path(os.environ.get("SINKAWARE_DATA", ROOT / ".data"))
-    pretrained = checkpoints(RUNS)
-    tokenizer = next((str(Path(c).parents[1] / "tokenizer.json") for c in pretrained), None)
+    runs, tuned = eval_sets(part)
+    pretrained = checkpoints(runs)
+    tokenizer = next((str(Path(c).parents[1] / "tokenizer.json") for c in pretrained + checkpoints(tuned)), None)
     if tokenizer is None:
-        raise SystemExit("no finished study run to evaluate: run `python scripts/study.py train` first")
+        raise SystemExit(f"no finished run to evaluate: run `python scripts/study.py train --part {part}` first")
     common = ["data=local", "data/tokenizer=bpe", "data.tokenizer.vocab_size=32768", f"data.tokenizer.file={tokenizer}",
               "data.tokenizer.copy_to=null", "data.num_workers=6", "samples=400"]  # fmt: skip
     jobs = {
@@ -166,20 +175,18 @@ def evaluate(overrides: list[str]) -> None:
             pretrained,
             [f"data.corpus.path={data_dir}/corpus_b", "data.corpus.val_permille=999", "ablation.samples=0"],
         ),
-        "finetune": (
-            checkpoints(["vanilla", *FINETUNES]),
-            [f"data.corpus.path={data_dir}/corpus_a", "ablation.samples=0"],
-        ),
+        "finetune": (checkpoints(tuned), [f"data.corpus.path={data_dir}/corpus_a", "ablation.samples=0"]),
     }
+    out = ROOT / "outputs" / ("study" if part == 1 else "study2")
     for name, (paths, extra) in jobs.items():
         if not paths:
             print(f"[study] eval {name}: no finished run, skipped", flush=True)
             continue
-        target = OUT / "eval" / f"{name}_{time.strftime('%Y%m%d-%H%M%S')}"
+        target = out / "eval" / f"{name}_{time.strftime('%Y%m%d-%H%M%S')}"
         command = [sys.executable, "eval.py", "eval_mode=compare", f"ckpts=[{','.join(paths)}]", *common, *extra,
                    f"hydra.run.dir={target}", *overrides]  # fmt: skip
-        if subprocess.run(command, cwd=ROOT).returncode:
-            print(f"[study] eval {name} FAILED: see {target}", flush=True)
+        if subprocess.run(command, cwd=ROOT).returncode:  # eval.py writes what it measured before it exits 1
+            print(f"[study] eval {name}: a part FAILED, see {target}/compare.json", flush=True)
 
 
 def main():
@@ -194,11 +201,12 @@ def main():
     if args.step == "train":
         train(args, overrides)
     elif args.step == "eval":
-        evaluate(overrides)
+        evaluate(args.part, overrides)
     else:
         from scripts.study_report import build_report
 
-        build_report(OUT, DOCS, IMG)
+        name = "study" if args.part == 1 else "study2"
+        build_report(ROOT / "outputs" / name, ROOT / "docs" / name, IMG, part=args.part)
 
 
 if __name__ == "__main__":

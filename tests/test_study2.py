@@ -34,9 +34,12 @@ TWINS = {
     "gated_seed3": ("study/gated", {"seed"}),
     "gated_aux1e-2_seed2": ("study/gated_aux1e-2", {"seed"}),
     "gated_aux1e-2_seed3": ("study/gated_aux1e-2", {"seed"}),
-    "finetune_gated_m0": ("study/finetune_plain", {"attention.name", "init_from"}),
-    "finetune_gated_m2": ("study/finetune_shared", {"attention.name", "init_from"}),
-    "finetune_gated_m4": ("study/finetune_shared", {"attention.name", "init_from", "aux.shared_heads"}),
+    "finetune_gated_m0": ("study/finetune_plain", {"attention.name", "init_from", "trainer.max_steps"}),
+    "finetune_gated_m2": ("study/finetune_shared", {"attention.name", "init_from", "trainer.max_steps"}),
+    "finetune_gated_m4": (
+        "study/finetune_shared",
+        {"attention.name", "init_from", "aux.shared_heads", "trainer.max_steps"},
+    ),
 }
 
 
@@ -82,7 +85,7 @@ def test_budget_and_run_directory(name):
     cfg = composed(f"study2/{name}")
     tokens = cfg.trainer.max_steps * cfg.data.batch_size * cfg.model.seq_len
     if name.startswith("finetune"):
-        assert tokens == 300 * 32 * 1024  # as study/finetune_*
+        assert tokens == 400 * 32 * 1024  # 13.1M tokens
     else:
         assert tokens >= 65_000_000 * (2 if "4000steps" in name else 1)
     assert cfg.run.startswith("study2/")
