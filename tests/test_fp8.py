@@ -5,6 +5,7 @@ run (the CPU, an older GPU, no torchao) the error is one line that names the fix
 import copy
 import csv
 import dataclasses
+import math
 import os
 import subprocess
 import sys
@@ -190,3 +191,37 @@ def test_the_benchmark_gives_a_row_per_recipe_even_when_one_cannot_run(tmp_path)
     assert float(rows[0]["tokens_per_s"]) > 0 and float(rows[0]["compile_s"]) > 0
     assert "set model.fp8=null" in rows[1]["status"]
     assert "| tiny | gated | 0.0001 | lightning | tensorwise | failed (ValueError: model.fp8=tensorwise" in done.stdout
+
+
+FP8_GPU = torch.cuda.is_available() and torch.cuda.get_device_capability() >= fp8.MIN_CAPABILITY
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not FP8_GPU, reason="needs a CUDA GPU with float8 (compute capability >= 8.9)")
+@pytest.mark.parametrize("recipe", fp8.RECIPES)
+def test_float8_trains_compiled_on_the_gpu(recipe):
+    """As bench/throughput.py's plain loop: configure_model converts, then compiles; a few AdamW steps in bf16 autocast
+    on one repeated batch. The first loss is bf16's within float8 rounding, and the loss falls."""
+    shape = {"vocab_size": 512, "n_layer": 2, "n_embd": 256, "n_head": 2, "seq_len": 256, "attention": "gated"}
+    idx = torch.randint(0, 512, (4, 257), generator=torch.Generator().manual_seed(0)).cuda()
+    batch = {"input_ids": idx[:, :-1], "targets": idx[:, 1:]}
+    losses = {}
+    for mode in ("bf16", recipe):
+        torch.manual_seed(0)
+        module = lit_module(**shape, fp8=None if mode == "bf16" else recipe).cuda()
+        module.hparams.compile = True
+        module.configure_model()
+        assert module.fp8_layers == ([] if mode == "bf16" else expected_layers(2))
+        optimizer = torch.optim.AdamW(module.parameters(), lr=1e-3)
+        losses[mode] = []
+        for _ in range(5):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                nll, _, aux = module.step(batch)
+                loss = nll.mean() + aux
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses[mode].append(loss.item())
+        torch._dynamo.reset()
+    assert losses[recipe][0] == pytest.approx(losses["bf16"][0], rel=2e-2)
+    assert all(math.isfinite(x) for x in losses[recipe]) and losses[recipe][-1] < losses[recipe][0]
