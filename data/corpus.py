@@ -11,6 +11,7 @@ so the split is fixed, independent of order, sharding and seeds, and train and v
 
 import glob
 import hashlib
+import json
 import logging
 import re
 import urllib.error
@@ -19,6 +20,7 @@ from functools import cached_property, partial
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 log = logging.getLogger(__name__)
@@ -26,6 +28,70 @@ log = logging.getLogger(__name__)
 SUFFIX_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "text"}
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 SPLITS = ("train", "validation")
+# What reading a damaged file raises: bad UTF-8 in json/text, a corrupt or truncated parquet page (OSError "Corrupt
+# snappy compressed data", ArrowInvalid), a file gone or unreadable.
+READ_ERRORS = (UnicodeDecodeError, OSError, pa.ArrowException)
+
+
+class CorpusError(ValueError):
+    """A corpus file that cannot be read, in one line naming it. Raised in a dataloader worker, it reaches the main
+    process re-created by torch from the worker's formatted traceback, whose last line is this message: only that
+    line is kept, so train.py prints one line there too."""
+
+    def __init__(self, message: str):
+        super().__init__(message.rstrip().splitlines()[-1].removeprefix(f"{__name__}.CorpusError: "))
+
+
+def first_line(err: Exception) -> str:
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
+
+
+def parquet_rows(file: Path) -> int:
+    """The rows of a parquet file from its footer (cheap): a truncated or foreign file fails here, named."""
+    try:
+        return pq.ParquetFile(file).metadata.num_rows
+    except READ_ERRORS as err:
+        raise CorpusError(
+            f"{file} is not a readable parquet file ({first_line(err)}): fix or replace the file, or move it out of "
+            "data.corpus.path"
+        ) from err
+
+
+def damage(file: Path) -> str | None:
+    """Where `file` cannot be read and what to do ("line 37 is not UTF-8 ..."), or None when all of it reads."""
+    try:
+        where = parquet_damage(file) if file.suffix == ".parquet" else line_damage(file)
+    except READ_ERRORS as err:
+        where = f"cannot be read ({first_line(err)})"
+    return where and f"{where}: fix or replace the file, or move it out of data.corpus.path"
+
+
+def parquet_damage(file: Path) -> str | None:
+    parquet, start = pq.ParquetFile(file), 0
+    for group in range(parquet.num_row_groups):
+        rows = parquet.metadata.row_group(group).num_rows
+        try:
+            parquet.read_row_group(group)
+        except READ_ERRORS as err:
+            return f"rows {start}-{start + rows - 1} (row group {group}) cannot be decoded ({first_line(err)})"
+        start += rows
+    return None
+
+
+def line_damage(file: Path) -> str | None:
+    """The first line that is not UTF-8 or, in a .jsonl file, not JSON."""
+    with open(file, "rb") as lines:
+        for number, line in enumerate(lines, start=1):
+            try:
+                decoded = line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                return f"line {number} is not UTF-8 (byte {line[err.start]:#04x} at column {err.start + 1})"
+            if file.suffix == ".jsonl" and decoded.strip():
+                try:
+                    json.loads(decoded.strip())  # without the newline, which JSON does not allow inside a string
+                except json.JSONDecodeError as err:
+                    return f"line {number} is not JSON ({err.msg}, column {err.colno})"
+    return None
 
 
 def is_validation(doc_id: str, val_permille: int) -> bool:
@@ -90,6 +156,7 @@ class Corpus:
         self.path, self.name = str(path), name
         self.text_column, self.id_column = text_column, id_column
         self.val_permille = val_permille
+        self.files: list[Path] = []  # the local files, known once the stream is opened (none for the hub)
 
     def fingerprint(self) -> dict:
         """What identifies this corpus and its training split (a key for caches built from it)."""
@@ -109,6 +176,10 @@ class Corpus:
 
         local = Path(self.path).expanduser()
         if local.is_dir() and is_dataset_card(local / "README.md"):  # a local copy of a hub dataset
+            self.files = sorted(f for f in local.rglob("*") if f.suffix in SUFFIX_BUILDERS and f.is_file())
+            for file in self.files:
+                if file.suffix == ".parquet":
+                    parquet_rows(file)  # a truncated file fails now, named, not later inside `datasets`
             return load_dataset(str(local), name=self.name, split="train", streaming=True)
         if HUB_ID.match(self.path) and not local.exists():
             self._check_hub_reachable()
@@ -126,8 +197,8 @@ class Corpus:
             )
         if not files:
             raise FileNotFoundError(f"data.corpus.path={self.path} holds no {'/'.join(SUFFIX_BUILDERS)} files")
-        files = [f for f in files if f.suffix != ".parquet" or pq.ParquetFile(f).metadata.num_rows]  # `datasets`
-        if not files:  # fails on a parquet file of 0 rows
+        self.files = files = [f for f in files if f.suffix != ".parquet" or parquet_rows(f)]  # `datasets` fails on
+        if not files:  # a parquet file of 0 rows
             raise ValueError(f"data.corpus.path={self.path} holds no documents: its parquet files are empty")
         builders = {SUFFIX_BUILDERS.get(f.suffix) for f in files}
         if len(builders) != 1 or None in builders:
@@ -153,12 +224,7 @@ class Corpus:
 
     def check(self):
         """Fail early, in the main process, on an empty corpus or a missing text column."""
-        stream = self.stream
-        try:
-            first = next(iter(stream), None)
-        except Exception as err:  # a corrupt file, a permission problem, ...: one line, not a traceback wall
-            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise ValueError(f"data.corpus.path={self.path}: reading the first document failed: {reason}") from err
+        first = next(self.read(self.stream), None)
         if first is None:
             raise ValueError(f"data.corpus.path={self.path} holds no documents: point it at a non-empty corpus")
         if self.text_column not in first:
@@ -168,6 +234,20 @@ class Corpus:
             )
         if self.id_column not in first:
             log.info("no %r column in %s: documents are split by a hash of their text", self.id_column, self.path)
+
+    def read(self, docs):
+        """Iterate `docs` (a stream of this corpus); a file that cannot be read ends in a CorpusError naming it and
+        the row, found by reading the files again: only after a failure, so reading is not slowed down."""
+        try:
+            yield from docs
+        except READ_ERRORS as err:
+            raise self.unreadable(err) from err
+
+    def unreadable(self, err: Exception) -> CorpusError:
+        for file in self.files:
+            if (where := damage(file)) is not None:
+                return CorpusError(f"data.corpus.path={self.path}: {file}: {where}")
+        return CorpusError(f"data.corpus.path={self.path}: reading a document failed: {first_line(err)}")
 
     def documents(self, split: str, seed: int, epoch: int = 0, rank: int = 0, world_size: int = 1):
         """This rank's documents of `split` in epoch `epoch`: shard order shuffled by (seed, epoch), the same on
@@ -198,7 +278,7 @@ class Corpus:
     def training_texts(self, max_chars: int):
         """Texts of the training split, in stream order, up to about max_chars characters (to train a BPE)."""
         total = 0
-        for doc in self.documents("train", seed=0):
+        for doc in self.read(self.documents("train", seed=0)):
             yield doc[self.text_column]
             total += len(doc[self.text_column])
             if total >= max_chars:

@@ -116,13 +116,14 @@ class TextDataModule(L.LightningDataModule):
         """[documents, tokens] of this rank's `split`, BOS included: reads all of it."""
         rank, world = self.trainer_rank_and_world()
         docs = self.corpus.documents(split, self.seed, rank=rank, world_size=world)
-        lengths = [1 + len(self.tokenizer.encode(doc[self.corpus.text_column])) for doc in docs]
+        lengths = [1 + len(self.tokenizer.encode(doc[self.corpus.text_column])) for doc in self.corpus.read(docs)]
         return [len(lengths), sum(lengths)]
 
     def rows(self, split: str, rank: int = 0, world_size: int = 1) -> PackedRows:
         documents = partial(self.corpus.documents, split, self.seed, rank=rank, world_size=world_size)
         epochs = None if split == "train" else 1  # training streams on (epoch after epoch); validation is one pass
-        return PackedRows(documents, self.tokenizer, self.seq_len, self.corpus.text_column, epochs=epochs)
+        text = self.corpus.text_column
+        return PackedRows(documents, self.tokenizer, self.seq_len, text, epochs=epochs, read=self.corpus.read)
 
     def split_workers(self, split: str) -> int:
         """Validation reads one small pass with at most one worker: spread over several, a rank's few documents

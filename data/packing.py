@@ -19,11 +19,14 @@ class PackedRows(IterableDataset):
     The position saved by state_dict is small: the epoch, the document stream's state just before the
     first document the next row draws from, and how many of that document's tokens earlier rows used.
     Restoring re-reads and re-tokenizes that document, so no token lists travel with the state.
-    epochs=None streams forever (training); 1 gives one pass (validation).
+    epochs=None streams forever (training); 1 gives one pass (validation). read(stream) iterates a document stream.
     """
 
-    def __init__(self, documents, tokenizer, seq_len: int, text_column: str = "text", epochs: int | None = None):
+    def __init__(
+        self, documents, tokenizer, seq_len: int, text_column: str = "text", epochs: int | None = None, read=iter
+    ):
         self.documents, self.tokenizer, self.text_column = documents, tokenizer, text_column
+        self.read = read  # iterates a document stream (Corpus.read: a damaged file fails naming it)
         self.width, self.epochs = seq_len + 1, epochs
         self.token_bytes = tokenizer.token_bytes
         self.position = dict(FRESH)  # where the next row starts
@@ -60,7 +63,7 @@ class PackedRows(IterableDataset):
         offset = start["skip"]  # tokens of pending[0] already in rows
         available = -offset  # tokens in pending not in rows yet
         state_before, rows = start["docs"], 0
-        for doc in docs:
+        for doc in self.read(docs):
             tokens = [bos] + self.tokenizer.encode(doc[self.text_column])
             pending.append((state_before, tokens))
             available += len(tokens)
