@@ -38,6 +38,7 @@ FINETUNES = ["finetune_plain", "finetune_shared"]  # from the `vanilla` run
 RUNS_2 = [
     "finetune_gated_m0", "finetune_gated_m2", "finetune_gated_m4", "vanilla_wd0.5", "vanilla_noqknorm_wd0.5",
     "gated_seed2", "gated_aux1e-2_seed2", "gated_seed3", "gated_aux1e-2_seed3", "sink_wd0.5", "sink_noqknorm_wd0.5",
+    "gated_fp8_tensorwise",
 ]  # fmt: skip
 # fine-tuning run -> the run whose last.ckpt it starts from (its init_from), both as experiment names
 STARTS_FROM = {

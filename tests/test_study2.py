@@ -34,6 +34,7 @@ TWINS = {
     "gated_seed3": ("study/gated", {"seed"}),
     "gated_aux1e-2_seed2": ("study/gated_aux1e-2", {"seed"}),
     "gated_aux1e-2_seed3": ("study/gated_aux1e-2", {"seed"}),
+    "gated_fp8_tensorwise": ("study/gated", {"model.fp8"}),
     "finetune_gated_m0": ("study/finetune_plain", {"attention.name", "init_from", "trainer.max_steps"}),
     "finetune_gated_m2": ("study/finetune_shared", {"attention.name", "init_from", "trainer.max_steps"}),
     "finetune_gated_m4": (
