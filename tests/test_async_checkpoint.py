@@ -1,8 +1,11 @@
 """Checkpoints written in the background (BackgroundCheckpointIO): training goes on while a checkpoint is written, each
 file holds the state of its own step, one write is in flight at most, a failed write is reported and leaves the last
-good checkpoint, the requeue waits for the write, and LastCheckpoint's time cadence triggers."""
+good checkpoint, the requeue waits for the write, and LastCheckpoint's time cadence triggers.
 
-import errno
+The writes happen in a writer process: a slow or failing torch.save is put there with a sitecustomize on its
+PYTHONPATH (`in_the_writer`); a monkeypatch of the test process would not reach it."""
+
+import json
 import os
 import signal
 import time
@@ -20,7 +23,37 @@ from checkpoints.reader import find_resumable
 from checkpoints.writer import BackgroundCheckpointIO, CheckpointWriteError
 
 ROOT = Path(__file__).parents[1]
+SAVE_IN_THE_WRITER = """
+import errno, json, time, torch
 real_save = torch.save
+
+
+def save(checkpoint, f, *args, **kwargs):
+    step, weight = checkpoint["global_step"], checkpoint.get("state_dict", {{}}).get("weight")
+    time.sleep({seconds})
+    if step >= {failing_from}:
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    real_save(checkpoint, f, *args, **kwargs)
+    with open({log!r}, "a") as out:  # what was written, and when the write ended (CLOCK_MONOTONIC: system-wide)
+        out.write(json.dumps([step, None if weight is None else weight.item(), time.monotonic()]) + "\\n")
+torch.save = save
+"""
+
+
+def in_the_writer(monkeypatch, tmp_path, seconds: float = 0.0, failing_from: int = 10**9) -> Path:
+    """Every writer process started from now on sleeps `seconds` before each torch.save, fails as a full disk from
+    step `failing_from` on, and logs each write it completes to the file returned: [step, weight, end time]."""
+    site, log = tmp_path / "site", tmp_path / "writes.jsonl"
+    site.mkdir()
+    code = SAVE_IN_THE_WRITER.format(seconds=seconds, failing_from=failing_from, log=str(log))
+    (site / "sitecustomize.py").write_text(code)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
+    return log
+
+
+def writes(log: Path) -> list[tuple[int, float, float]]:
+    return [tuple(json.loads(line)) for line in log.read_text().splitlines()] if log.exists() else []
 
 
 class Counting(L.LightningModule):
@@ -59,93 +92,65 @@ def saved(path: Path) -> tuple[int, float]:
     return checkpoint["global_step"], checkpoint["state_dict"]["weight"].item()
 
 
-def disk_full_from(step: int):
-    """torch.save that writes part of the file and fails, as on a full disk, for the checkpoints from `step` on."""
-
-    def save(checkpoint, f):
-        if checkpoint["global_step"] >= step:
-            f.write(b"partial")
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real_save(checkpoint, f)
-
-    return save
-
-
 def test_training_goes_on_during_a_write_and_the_next_save_waits_for_it(tmp_path, monkeypatch):
-    writes = {}  # step -> (weight written, time the write ended)
-
-    def slow_save(checkpoint, f):
-        time.sleep(0.5)  # by now the training thread has changed the weights: a copy by reference would show it
-        real_save(checkpoint, f)
-        writes[checkpoint["global_step"]] = (checkpoint["state_dict"]["weight"].item(), time.monotonic())
-
-    monkeypatch.setattr(torch, "save", slow_save)
-    started = fit(tmp_path, 6, every_n_train_steps=2).started
-    assert {step: weight for step, (weight, _) in writes.items()} == {2: 2.0, 4: 4.0, 6: 6.0}  # each its own step
-    assert started[2] < writes[2][1], "training waited for the write of step 2"
-    assert started[4] > writes[2][1], "the save at step 4 did not wait for the write of step 2"
-    assert saved(tmp_path / "last.ckpt") == (6, 6.0)  # the last write is complete when fit returns
+    log = in_the_writer(monkeypatch, tmp_path, seconds=0.5)  # meanwhile training changes the weights
+    started = fit(tmp_path / "run", 6, every_n_train_steps=2).started
+    written = {step: (weight, end) for step, weight, end in writes(log)}
+    assert {step: weight for step, (weight, _) in written.items()} == {2: 2.0, 4: 4.0, 6: 6.0}  # each its own step
+    assert started[2] < written[2][1], "training waited for the write of step 2"
+    assert started[4] > written[2][1], "the save at step 4 did not wait for the write of step 2"
+    assert saved(tmp_path / "run" / "last.ckpt") == (6, 6.0)  # the last write is complete when fit returns
 
 
 @pytest.mark.parametrize("failing_from", [4, 8], ids=["raised-at-the-next-save", "raised-at-the-end-of-fit"])
 def test_a_failed_background_write_is_reported_and_the_previous_checkpoint_stays(
     tmp_path, monkeypatch, caplog, failing_from
 ):
-    monkeypatch.setattr(torch, "save", disk_full_from(failing_from))
+    in_the_writer(monkeypatch, tmp_path, failing_from=failing_from)
+    run = tmp_path / "run"
     with pytest.raises(CheckpointWriteError, match=r"last.ckpt \(\[Errno 28\] No space left on device\)"):
-        fit(tmp_path, 8, every_n_train_steps=2)
-    assert f"could not write checkpoint {tmp_path / 'last.ckpt'}" in caplog.text  # logged when it failed
-    assert [path.name for path in tmp_path.iterdir()] == ["last.ckpt"]  # no .tmp left behind
-    assert saved(tmp_path / "last.ckpt") == (failing_from - 2, failing_from - 2)
-    assert find_resumable([str(tmp_path)]) == str(tmp_path / "last.ckpt")
+        fit(run, 8, every_n_train_steps=2)
+    assert f"could not write checkpoint {run / 'last.ckpt'}" in caplog.text  # logged when it failed
+    assert [path.name for path in run.iterdir()] == ["last.ckpt"]  # no .tmp left behind
+    assert saved(run / "last.ckpt") == (failing_from - 2, failing_from - 2)
+    assert find_resumable([str(run)]) == str(run / "last.ckpt")
 
 
 def test_an_old_checkpoint_is_removed_after_its_replacement_is_written_and_kept_if_that_fails(tmp_path, monkeypatch):
     """What ModelCheckpoint's top-k does: save the new best, then remove the one it displaces."""
-    io, first, second, third = BackgroundCheckpointIO(), *(tmp_path / f"best-step={s}.ckpt" for s in (2, 4, 6))
+    in_the_writer(monkeypatch, tmp_path, failing_from=6)
+    run = tmp_path / "run"
+    io, first, second, third = BackgroundCheckpointIO(), *(run / f"best-step={s}.ckpt" for s in (2, 4, 6))
     io.save_checkpoint({"global_step": 2}, first)
     io.save_checkpoint({"global_step": 4}, second)
     io.remove_checkpoint(first)
-    io.wait()
-    assert sorted(tmp_path.iterdir()) == [second]
-    monkeypatch.setattr(torch, "save", disk_full_from(6))
-    io.save_checkpoint({"global_step": 6}, third)
+    io.save_checkpoint({"global_step": 6}, third)  # fails
     io.remove_checkpoint(second)  # queued behind the write, skipped as it failed
     with pytest.raises(CheckpointWriteError, match="best-step=6.ckpt"):
         io.teardown()
-    assert sorted(tmp_path.iterdir()) == [second]
+    assert sorted(run.iterdir()) == [second]  # the first removed after the second was written, the second kept
     io.teardown()  # raised once: Lightning's teardown after the error does not raise it again
 
 
 def test_the_requeue_waits_for_the_checkpoint_to_be_written(tmp_path, monkeypatch):
-    def slow_save(checkpoint, f):
-        time.sleep(0.5)
-        real_save(checkpoint, f)
-
+    in_the_writer(monkeypatch, tmp_path, seconds=0.5)
     found = []
 
     def launcher_handler(signum, frame):  # submitit's: resubmits the job and exits
-        found.append(saved(tmp_path / "last.ckpt"))
+        found.append(saved(tmp_path / "run" / "last.ckpt"))
 
-    monkeypatch.setattr(torch, "save", slow_save)
     previous = signal.signal(signal.SIGUSR2, launcher_handler)
     try:
-        fit(tmp_path, 20, Counting(signal_at=2), requeue_signals=["SIGUSR2"], every_n_train_steps=100)
+        fit(tmp_path / "run", 20, Counting(signal_at=2), requeue_signals=["SIGUSR2"], every_n_train_steps=100)
     finally:
         signal.signal(signal.SIGUSR2, previous)
     assert found == [(3, 3.0)]  # the step in progress finished, was written, then the handler ran
 
 
 def steps_saved(tmp_path, monkeypatch, steps: int, module=None, **cadence) -> list[int]:
-    saves = []
-
-    def save(checkpoint, f):
-        saves.append(checkpoint["global_step"])
-        real_save(checkpoint, f)
-
-    monkeypatch.setattr(torch, "save", save)
-    fit(tmp_path, steps, module, **cadence)
-    return saves
+    log = in_the_writer(monkeypatch, tmp_path)
+    fit(tmp_path / "run", steps, module, **cadence)
+    return [step for step, _, _ in writes(log)]
 
 
 def test_the_time_cadence_triggers(tmp_path, monkeypatch):
@@ -180,21 +185,18 @@ def test_the_shipped_config_checkpoints_by_time_and_takes_a_step_override(tmp_pa
 def test_a_second_checkpoint_of_the_same_step_does_not_wait_for_the_first(tmp_path, monkeypatch):
     """best-k right after last.ckpt at a validation step: the same state, so no wait for the write in flight."""
 
-    def slow_save(checkpoint, f):
-        time.sleep(0.6)
-        real_save(checkpoint, f)
-
-    monkeypatch.setattr(torch, "save", slow_save)
+    in_the_writer(monkeypatch, tmp_path, seconds=0.6)
+    run = tmp_path / "run"
     io = BackgroundCheckpointIO()
     state = {"global_step": 7, "state_dict": {"weight": torch.full((1,), 7.0)}}
     start = time.perf_counter()
-    io.save_checkpoint(state, tmp_path / "last.ckpt")
-    io.save_checkpoint(state, tmp_path / "best.ckpt")
+    io.save_checkpoint(state, run / "last.ckpt")
+    io.save_checkpoint(state, run / "best.ckpt")
     assert time.perf_counter() - start < 0.4  # neither waited for a write
-    io.save_checkpoint({**state, "global_step": 8}, tmp_path / "last.ckpt")  # another step: waits for both writes
+    io.save_checkpoint({**state, "global_step": 8}, run / "last.ckpt")  # another step: waits for both writes
     assert time.perf_counter() - start >= 1.2
     io.teardown()
-    assert saved(tmp_path / "best.ckpt") == (7, 7.0) and saved(tmp_path / "last.ckpt") == (8, 7.0)
+    assert saved(run / "best.ckpt") == (7, 7.0) and saved(run / "last.ckpt") == (8, 7.0)
 
 
 @pytest.mark.gpu
