@@ -1,6 +1,6 @@
 """trainer=fsdp: the data-parallel mesh spans every device (devices=auto included), and a 2-rank FSDP2 run on the
-CPU (gloo) trains, validates, writes one full-state checkpoint file and resumes from it with the uninterrupted
-run's losses, bit for bit."""
+CPU (gloo) trains, validates, writes sharded checkpoints (every rank its own part) and resumes from one with the
+uninterrupted run's losses, bit for bit; on 1 rank it resumes with the same weights and optimizer state."""
 
 import shutil
 from pathlib import Path
@@ -13,6 +13,9 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.plugins.environments import LightningEnvironment
+from torch.distributed.checkpoint import FileSystemReader
+
+from checkpoints import reader
 
 CONF = Path(__file__).parents[1] / "conf"
 
@@ -69,17 +72,19 @@ def test_two_rank_fsdp_run_resumes_with_the_uninterrupted_losses(start_train, tm
     assert sorted(metrics(whole, "val/bpb")) == [2, 5]  # Lightning's row step: the last batch index
 
     saved = whole / "checkpoints" / "step-4.ckpt"
-    assert saved.is_file()  # one file, not a folder of shards
-    checkpoint = torch.load(saved, map_location="cpu", weights_only=True)
+    assert saved.is_symlink() and saved.is_dir()  # a folder of shards, published by replacing the link
+    shards = FileSystemReader(str(saved)).read_metadata().storage_data.items()
+    holding_wte = {item.relative_path for index, item in shards if index.fqn == "state_dict.model.wte.weight"}
+    assert len(holding_wte) == 2  # each rank wrote its own half of the embedding: no file holds the whole state
+    checkpoint = reader.load(saved, with_optimizer=True)  # the one reader joins the shards
     vocab, width = checkpoint["hyper_parameters"]["model"]["vocab_size"], 64
-    assert checkpoint["state_dict"]["model.wte.weight"].shape == (vocab, width)  # gathered, not rank 0's half
-    moments = [state["exp_avg"].shape for state in checkpoint["optimizer_states"][0]["state"].values()]
-    assert (vocab, width) in moments  # the full AdamW state too
-    assert checkpoint["global_step"] == 4
+    assert checkpoint["state_dict"]["model.wte.weight"].shape == (vocab, width)
+    assert checkpoint["optimizer_0"]["state"]["model.wte.weight"]["exp_avg"].shape == (vocab, width)
+    assert checkpoint["global_step"] == 4 and checkpoint["world_size"] == 2
 
     resumed = tmp_path / "resumed"
     (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copy(saved, resumed / "checkpoints" / "last.ckpt")  # as if the run had stopped after step 4
+    copy_checkpoint(saved, resumed / "checkpoints")  # as if the run had stopped after step 4
     second = start_train(*RUN, f"hydra.run.dir={resumed}")
     assert second.wait(timeout=300) == 0, second.read_output()[-3000:]
     assert "resuming" in second.read_output()
@@ -87,3 +92,37 @@ def test_two_rank_fsdp_run_resumes_with_the_uninterrupted_losses(start_train, tm
     assert sorted(after) == list(range(4, 8)), "a step was skipped or repeated"
     assert after == {step: loss for step, loss in metrics(whole, "train/loss").items() if step >= 4}
     assert metrics(resumed, "val/bpb") == {5: metrics(whole, "val/bpb")[5]}  # the same data position on both ranks
+
+    one_rank = tmp_path / "one-rank"  # the same checkpoint on 1 rank: DCP reshards weights and optimizer state
+    (one_rank / "checkpoints").mkdir(parents=True)
+    copy_checkpoint(saved, one_rank / "checkpoints")
+    dump = tmp_path / "restored.pt"
+    probe = ["+callbacks.dump._target_=tests.fsdp_probes.DumpRestoredState", f"+callbacks.dump.path={dump}"]
+    third = start_train(*RUN, "trainer.devices=1", "trainer.max_steps=5", *probe, f"hydra.run.dir={one_rank}")
+    assert third.wait(timeout=300) == 0, third.read_output()[-3000:]
+    assert "resuming a checkpoint of 2 ranks on 1" in third.read_output()
+    restored = torch.load(dump, weights_only=True)
+    assert_equal(restored["state_dict"], checkpoint["state_dict"])
+    assert_equal(restored["optimizer_0"], checkpoint["optimizer_0"])
+
+
+def copy_checkpoint(saved: Path, directory: Path) -> None:
+    """A sharded checkpoint as last.ckpt of another run: its folder, and the link to it."""
+    shutil.copytree(saved.resolve(), directory / "last.ckpt.shards-0")
+    (directory / "last.ckpt").symlink_to("last.ckpt.shards-0")
+
+
+def assert_equal(a, b, where="") -> None:
+    """Nested dicts / lists of tensors and numbers, equal bit for bit."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_equal(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_equal(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, torch.as_tensor(b)), where
+    else:
+        assert a == b, where
