@@ -24,6 +24,15 @@ class ProgressBar(TQDMProgressBar):
         self.plain = not sys.stdout.isatty() if plain is None else plain
         self.values = None  # the last numbers read, shown until the next logging step
         self.start = None  # (time, step) at the end of the first step of this process: the ETA's rate from there
+        self.printing = True  # the plain lines; Lightning silences them as it does the bar, through disable()
+
+    def disable(self) -> None:  # Lightning calls it on ranks other than 0 (and while tuning)
+        super().disable()
+        self.printing = False
+
+    def enable(self) -> None:
+        super().enable()
+        self.printing = True
 
     @property
     def is_enabled(self) -> bool:  # the tqdm bars: off in plain mode
@@ -38,7 +47,7 @@ class ProgressBar(TQDMProgressBar):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if not (self.plain and self._enabled):  # _enabled: False on ranks other than 0
+        if not (self.plain and self.printing):
             return
         step, now = trainer.global_step, time.monotonic()
         if self.start is None:
@@ -50,7 +59,7 @@ class ProgressBar(TQDMProgressBar):
 
     def on_validation_end(self, trainer, pl_module):
         super().on_validation_end(trainer, pl_module)
-        if self.plain and self._enabled and not trainer.sanity_checking and trainer.state.fn == "fit":
+        if self.plain and self.printing and not trainer.sanity_checking and trainer.state.fn == "fit":
             metrics = trainer.progress_bar_metrics
             shown = [
                 f"{label} {short_number(metrics[name])}"

@@ -1,0 +1,52 @@
+"""Every private name of Lightning, torchdata and torch.distributed.checkpoint the project uses, in one place.
+
+They carry no promise between releases: pyproject.toml caps lightning and torchdata at the next minor not tested, and
+tests/test_compat.py fails, naming the name, when a release moves one. Everything else imports them from here, so
+an upgrade is one file to check. This module sits below every folder (it imports no project code).
+"""
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import ModelParallelStrategy
+
+# The launcher of a multi-process run started from one process (trainer=ddp without srun or torchrun): train.py
+# kills the ranks it started when rank 0 fails.
+from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher as SubprocessScriptLauncher
+
+__all__ = [
+    "SubprocessScriptLauncher",
+    "load_dcp_keys",
+    "loader_state_workers",
+    "save_last_checkpoint",
+    "set_data_parallel_size",
+]
+
+
+def save_last_checkpoint(callback: ModelCheckpoint, trainer) -> bool:
+    """Write the callback's last.ckpt now, as its own save_last does (same file, same symlink or copy rules), unless
+    this step is already saved; Lightning has no public call for "save last now" (on SIGTERM, at the end of a run).
+    Returns whether it wrote."""
+    if callback._last_global_step_saved == trainer.global_step:
+        return False
+    callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
+    return True
+
+
+def set_data_parallel_size(strategy: ModelParallelStrategy, size: int) -> None:
+    """The data-parallel size ModelParallelStrategy.setup_environment builds its device mesh from (its constructor
+    takes one, but only before the world size is known)."""
+    strategy._data_parallel_size = size
+
+
+def loader_state_workers(state: dict) -> int:
+    """The num_workers a StatefulDataLoader's state_dict() was saved with: its state with workers nests the count
+    under _snapshot/_main_snapshot; one without workers has no _snapshot."""
+    if "_snapshot" not in state:
+        return 0
+    return state["_snapshot"]["_main_snapshot"]["_num_workers"]
+
+
+def load_dcp_keys(keys: set[str], path: str) -> dict:
+    """The entries `keys` of a torch.distributed.checkpoint folder, read in one process (no process group)."""
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    return _load_state_dict_from_keys(keys, checkpoint_id=path)
