@@ -10,7 +10,8 @@ and last.ckpt every --steps / --checkpoints steps; its figure is SpeedMonitor's 
 after the --warmup steps (compilation) over the training time, checkpoint writes and logging included, validation
 excluded. Then bench/throughput.py runs the Lightning loop on fixed batches with the same model (the vocabulary of
 train.py's tokenizer), batch, precision, compile, devices and strategy. Both figures and their ratio are printed as
-one table, and written as JSON to --out.
+one table, and written as JSON to --out. With --attention gated,vanilla the variants run one after the other in one
+invocation, each in <run dir>/<variant>, and their figures go to --out-dir as <variant>.json and summary.md.
 """
 
 import argparse
@@ -25,6 +26,9 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from checkpoints import reader  # noqa: E402
 
 ROOT = Path(__file__).parents[1]
 WHOLE_RUN = re.compile(r"whole run: (\d+) tokens in ([\d.]+) s of training, steps (\d+)-(\d+)")
@@ -70,8 +74,7 @@ def run_train(overrides: list[str], log_path: Path) -> str:
 
 def run_vocab(run_dir: Path) -> int:
     """The vocabulary train.py's tokenizer gave the model, from the hyperparameters in its last checkpoint."""
-    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True, mmap=True)
-    return checkpoint["hyper_parameters"]["model"]["vocab_size"]
+    return reader.metadata(run_dir / "checkpoints" / "last.ckpt")["hyper_parameters"]["model"]["vocab_size"]
 
 
 def throughput_command(cfg, args, vocab: int, json_path: Path) -> list[str]:
@@ -103,9 +106,33 @@ def main():
     parser.add_argument("--run-dir", type=Path, help="train.py's run directory (default: outputs/e2e-<time>)")
     parser.add_argument("--keep-checkpoints", action="store_true", help="else the run's checkpoints are deleted")
     parser.add_argument("--out", type=Path, help="write the result as JSON here")
+    parser.add_argument("--attention", help="variants to run one after the other, e.g. gated,vanilla (adds attention=)")
+    parser.add_argument("--out-dir", type=Path, help="with --attention: <variant>.json and summary.md go here")
     args, user = parser.parse_known_args()
     args.val_every = args.val_every or args.steps // 2
-    args.run_dir = (args.run_dir or ROOT / "outputs" / time.strftime("e2e-%Y-%m-%d_%H-%M-%S")).resolve()
+    base = (args.run_dir or ROOT / "outputs" / time.strftime("e2e-%Y-%m-%d_%H-%M-%S")).resolve()
+    if not args.attention:
+        args.run_dir = base
+        result = run_one(args, user)
+        if args.out:
+            args.out.write_text(json.dumps(result, indent=1))
+        return
+    out_dir = args.out_dir or base
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for variant in args.attention.split(","):
+        args.run_dir = base / variant
+        result = run_one(args, [*user, f"attention={variant}"])
+        (out_dir / f"{variant}.json").write_text(json.dumps(result, indent=1))
+        speeds = result["e2e"]["tokens_per_s"], result["throughput"]["tokens_per_s"]
+        rows.append(f"| {variant} | {speeds[0]:,.0f} | {speeds[1]:,.0f} | {result['ratio']:.1%} |")
+    summary = "| attention | train.py tokens/s | benchmark tokens/s | end to end / benchmark |\n|---|---|---|---|\n"
+    (out_dir / "summary.md").write_text(summary + "\n".join(rows) + "\n")
+    print("\n" + summary + "\n".join(rows))
+
+
+def run_one(args, user: list[str]) -> dict:
+    """train.py then bench/throughput.py for one configuration; prints the table and returns the figures."""
     args.run_dir.mkdir(parents=True, exist_ok=True)
     overrides = train_overrides(args, user)
     cfg = composed(overrides)
@@ -128,7 +155,8 @@ def main():
     e2e = {"tokens_per_s": tokens / seconds, "tokens": tokens, "seconds": seconds, "steps": [first, last]}
     e2e.update(validations=len(VALIDATION.findall(output)), checkpoint_every=args.steps // args.checkpoints)
     ratio = e2e["tokens_per_s"] / bench["tokens_per_s"]
-    result = {"overrides": overrides, "throughput": bench, "e2e": e2e, "ratio": ratio}
+    held = [float(h) for h in re.findall(r"training held ([\d.]+) s", output)]
+    e2e["checkpoint_held_s"] = held  # per checkpoint: how long training waited for its copy to host memory
     print(f"\n# {' '.join(user)}")
     print("| measure | tokens/s | timed |\n|---|---|---|")
     print(
@@ -140,8 +168,7 @@ def main():
         f"{e2e['checkpoint_every']} steps, {e2e['validations']} validations (excluded) |"
     )
     print(f"| end to end / benchmark | {ratio:.1%} | |")
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=1))
+    return {"overrides": overrides, "throughput": bench, "e2e": e2e, "ratio": ratio}
 
 
 if __name__ == "__main__":

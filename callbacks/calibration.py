@@ -15,21 +15,20 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from checkpoints import reader
 from model.balance import coefficient_of_variation, importance, top_heads
 
 log = logging.getLogger(__name__)
 
 
 def load_weights(pl_module: L.LightningModule, path: str) -> None:
-    """The model weights of a Lightning checkpoint into pl_module; nothing else of the checkpoint is used."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"init_from={path}: no such checkpoint file; give the path of a .ckpt of a trained run")
+    """The model weights of a train.py checkpoint (one file or shards) into pl_module; nothing else of it is used."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"init_from={path}: no such checkpoint; give the path of a .ckpt of a trained run")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a truncated or foreign file: say which one, not a traceback of the unpickler
-        raise ValueError(f"init_from={path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
-    if "state_dict" not in checkpoint:
-        raise ValueError(f"init_from={path}: no 'state_dict' in it; give a Lightning .ckpt written by train.py")
+        checkpoint = reader.load(Path(path))
+    except ValueError as err:  # a truncated or foreign file: say which one, not a traceback of the unpickler
+        raise ValueError(f"init_from={path}: not a readable checkpoint ({err})") from None
     weights = {k: v for k, v in checkpoint["state_dict"].items() if k != "shared_heads"}  # chosen afresh here
     missing, unexpected = pl_module.load_state_dict(weights, strict=False)
     missing = [k for k in missing if k != "shared_heads"]

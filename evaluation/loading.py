@@ -12,6 +12,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
+from checkpoints import reader
 from model.gpt import GPT
 from model.lit import build_model
 
@@ -45,16 +46,16 @@ def label_of(path: Path) -> str:
 
 
 def read_checkpoint(path: Path) -> dict:
-    """The checkpoint dict of a train.py run, or a one-line error for a missing, truncated or foreign file."""
-    if not path.is_file():
+    """The checkpoint dict of a train.py run (one file or a folder of shards, through checkpoints.reader), or a
+    one-line error for a missing, truncated or foreign one."""
+    if not path.exists():
         raise FileNotFoundError(f"ckpt={path}: no such file; give a .ckpt written by train.py (or run=NAME)")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated or foreign file: one line, not a traceback of the unpickler
-        raise ValueError(f"ckpt={path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
-    hparams = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
-    if "model" not in hparams or "state_dict" not in checkpoint:
-        raise ValueError(f"ckpt={path}: no model hyper-parameters or state_dict; give a .ckpt written by train.py")
+        checkpoint = reader.load(path)
+    except ValueError as err:  # truncated or foreign: one line, not a traceback of the unpickler
+        raise ValueError(f"ckpt={path}: not a readable checkpoint ({err})") from None
+    if "model" not in checkpoint.get("hyper_parameters", {}):
+        raise ValueError(f"ckpt={path}: no model hyper-parameters; give a .ckpt written by train.py")
     return checkpoint
 
 
@@ -67,9 +68,8 @@ def load_checkpoint(path: Path, backend: str) -> tuple[GatedLM, dict]:
         model_cfg = {**model_cfg, "backend": backend, "activation_checkpointing": False}
     model = build_model(model_cfg)  # a model=hf checkpoint needs its base directory (model.hf_path) still there
     state = checkpoint["state_dict"]
-    weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
     try:
-        model.load_state_dict(weights)
+        model.load_state_dict(reader.model_weights(checkpoint))
     except RuntimeError as err:
         raise ValueError(f"ckpt={path}: its weights do not fit its own model config ({err})") from None
     shared = state.get("shared_heads")
