@@ -3,8 +3,10 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# The floors of pyproject.toml, installed and tested (make test-min); under .cache/, which git ignores.
+VENV_MIN ?= .cache/venv-min
 
-.PHONY: help install train test lint bench study study2 clean
+.PHONY: help install train test test-min lint bench study study2 clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -22,6 +24,12 @@ train: install  ## the main job: tiny model on the offline default corpus (CPU i
 test: install  ## the test suite (CPU, a few minutes)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+
+test-min: install  ## the unit tests on the lowest versions pyproject.toml allows (torch: the CPU 2.13.0 wheel)
+	@test -x $(VENV_MIN)/bin/python || $(PY) -m venv $(VENV_MIN)
+	$(BIN)/python scripts/lower_bounds.py > $(VENV_MIN)/constraints.txt
+	$(VENV_MIN)/bin/pip install -q -c $(VENV_MIN)/constraints.txt -e ".[dev]"
+	$(VENV_MIN)/bin/python -m pytest -m "not slow"
 
 lint:  ## ruff
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -35,9 +35,10 @@ from pathlib import Path
 
 import lightning as L
 import torch
-import yaml
+from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from lightning.pytorch.strategies import DDPStrategy
+from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from model.attention import VARIANTS  # noqa: E402
@@ -48,18 +49,21 @@ CONF = Path(__file__).parents[1] / "conf"
 H100_BF16_DENSE = 989.4e12  # also the H200's (same compute die); Lightning knows the H100 only
 
 
-def model_fields(name: str) -> dict:
-    cfg = yaml.safe_load((CONF / "model" / f"{name}.yaml").read_text())
-    return {k: v for k, v in cfg.items() if not str(v).startswith("${")}  # drop interpolations
+def composed(overrides: list[str]) -> DictConfig:
+    """conf/train.yaml composed through Hydra with these overrides, as train.py and bench/e2e.py see it: defaults,
+    interpolations and override syntax are Hydra's, not a copy of them here."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=overrides)
 
 
 def make_module(args, attention: str, aux_lambda: float, fp8: str = "bf16") -> SinkAwareLM:
-    model = {**model_fields(args.model), "attention": attention, "vocab_size": args.vocab, "backend": args.backend}
-    model["activation_checkpointing"] = args.activation_checkpointing
-    model["fp8"] = None if fp8 == "bf16" else fp8
-    model.update((key, yaml.safe_load(value)) for key, value in (item.split("=", 1) for item in args.set))
-    optim = yaml.safe_load((CONF / "optim" / "adamw.yaml").read_text())
-    aux = {"lambda": aux_lambda, "scope": args.aux_scope}
+    overrides = [f"model={args.model}", f"attention={attention}", f"model.backend={args.backend}"]
+    overrides += [f"aux.lambda={aux_lambda}", f"aux.scope={args.aux_scope}", "aux.shared_heads=0"]
+    overrides += [f"model.activation_checkpointing={args.activation_checkpointing}"]
+    overrides += [f"model.fp8={'null' if fp8 == 'bf16' else fp8}", *(f"model.{item}" for item in args.set)]
+    cfg = composed(overrides)
+    model = {**OmegaConf.to_container(cfg.model, resolve=True), "vocab_size": args.vocab}
+    optim, aux = (OmegaConf.to_container(cfg[group], resolve=True) for group in ("optim", "aux"))
     return SinkAwareLM(model=model, optim=optim, aux=aux, compile=args.compile)
 
 
@@ -107,7 +111,7 @@ def use_ddp(args) -> bool:
 
 def ddp_options(args) -> dict:
     """DDPStrategy's options from conf/trainer/ddp.yaml, with --bucket-cap-mb applied."""
-    options = yaml.safe_load((CONF / "trainer" / "ddp.yaml").read_text())["strategy"]
+    options = OmegaConf.to_container(composed(["trainer=ddp"]).trainer.strategy, resolve=True)
     del options["_target_"]
     if args.bucket_cap_mb:
         options["bucket_cap_mb"] = args.bucket_cap_mb
@@ -123,8 +127,8 @@ def ddp_strategy(args) -> DDPStrategy:
 
 
 def fsdp_strategy():
-    """The strategy of conf/trainer/fsdp.yaml (FSDP2 over every device, one checkpoint file)."""
-    return instantiate(yaml.safe_load((CONF / "trainer" / "fsdp.yaml").read_text())["strategy"])
+    """The strategy of conf/trainer/fsdp.yaml (FSDP2 over every device)."""
+    return instantiate(composed(["trainer=fsdp"]).trainer.strategy)
 
 
 def run_lightning(args, module, batches) -> tuple[float, float]:
@@ -162,7 +166,7 @@ def run_plain(args, module, batches) -> tuple[float, float]:
         batch = {k: v.cuda(non_blocking=True) for k, v in batches[step % len(batches)].items()}
         with torch.autocast("cuda", dtype=torch.bfloat16):
             nll, _, aux = module.step(batch)
-            loss = nll.mean() + aux if module.aux_weight > 0 else nll.mean()
+            loss = nll.mean() + aux if module.aux_config.weight > 0 else nll.mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
         optimizer.step()
@@ -355,7 +359,12 @@ def torchao_note() -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="0.6b")
-    parser.add_argument("--set", nargs="*", default=[], help="model fields over conf/model/MODEL.yaml: n_layer=2 ...")
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        help="model fields over conf/model/MODEL.yaml, as Hydra overrides: n_layer=2 ...",
+    )
     parser.add_argument("--attention", nargs="+", default=list(VARIANTS))
     parser.add_argument("--aux", nargs="+", type=float, default=[0.0, 1e-4])
     parser.add_argument("--loops", nargs="+", default=["plain", "lightning"], choices=["plain", "lightning"])

@@ -6,9 +6,9 @@ al.'s share of heads whose mean attention on the sink exceeds sink_threshold, pe
 model/balance.py), and, when some heads are shared (fine-tuning, Eq. 8), heads/cv_routed/L07 and
 heads/cv_routed_mean: the CV the aux loss balances. Images: heads/heatmap, heads/cv_curve.
 
-The module leaves each training batch's importance (L, H) on the device (pl_module.last_importance). It is
-summed there, and once per logging interval the interval's mean moves to the host in one transfer (not one
-.item() per scalar); the CV is computed from that mean, so it is the CV of the importance measured over all
+The module (model.lit.HeadBalancedModule) leaves each training batch's importance (L, H) on the device
+(pl_module.last_importance). It is summed there, and once per logging interval the interval's mean moves to the
+host in one transfer (not one .item() per scalar); the CV is computed from that mean, so it is the CV of the importance measured over all
 tokens of the interval, the same numbers the heatmap shows; the sink ratio too.
 """
 
@@ -19,8 +19,9 @@ import numpy as np
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from PIL import Image
 
-from callbacks.plots import cv_curve, figure_to_array, importance_heatmap
 from model.balance import coefficient_of_variation, sink_ratio
+from model.lit import HeadBalancedModule
+from plots import cv_curve, figure_to_array, importance_heatmap
 
 
 def log_image(trainer, key: str, image: np.ndarray, step: int) -> None:
@@ -87,7 +88,7 @@ class HeadBalanceMonitor(L.Callback):
             self.dirpath = str(Path(trainer.default_root_dir) / "heads")
         self.last_heatmap_step = trainer.global_step  # a resumed run draws its next heatmap at the next multiple
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+    def on_train_batch_end(self, trainer, pl_module: HeadBalancedModule, outputs, batch, batch_idx):
         if not trainer.is_global_zero:
             return
         imp = pl_module.last_importance
@@ -98,7 +99,7 @@ class HeadBalanceMonitor(L.Callback):
         if step % trainer.log_every_n_steps == 0 and not logged:
             self.log_interval(trainer, pl_module, step)
 
-    def on_train_end(self, trainer, pl_module):
+    def on_train_end(self, trainer, pl_module: HeadBalancedModule):
         if not trainer.is_global_zero:
             return
         if self.batches:
@@ -112,7 +113,7 @@ class HeadBalanceMonitor(L.Callback):
             image = figure_to_array(cv_curve(self.history_steps, self.history_cv))
             self.publish(trainer, "heads/cv_curve", image, step, "cv_curve.png")
 
-    def log_interval(self, trainer, pl_module, step: int) -> None:
+    def log_interval(self, trainer, pl_module: HeadBalancedModule, step: int) -> None:
         imp = (self.total / self.batches).double().cpu()  # the interval's one device-to-host transfer
         self.total, self.batches = None, 0
         if self.shared is None:

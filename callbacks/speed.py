@@ -15,6 +15,8 @@ import torch
 from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch.utilities import rank_zero_warn
 
+from model.lit import HeadBalancedModule
+
 log = logging.getLogger(__name__)
 
 
@@ -45,7 +47,7 @@ class SpeedMonitor(L.Callback):
                     "callbacks.speed.peak_flops (dense bf16: 989.4e12 on H100 SXM and H200)"
                 )
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+    def on_train_batch_end(self, trainer, pl_module: HeadBalancedModule, outputs, batch, batch_idx):
         step = trainer.global_step
         if step < self.warmup_steps:
             return

@@ -8,9 +8,10 @@ from itertools import islice
 import torch
 from torch.utils.data import default_collate
 
-from evaluation.loading import GatedLM, Runtime
+from evaluation.loading import Runtime
 from model.balance import importance
-from model.lit import BitsPerByte, token_nll
+from model.lit import GatedLM
+from model.metrics import BitsPerByte, token_nll
 
 log = logging.getLogger("eval")
 

@@ -14,12 +14,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from PIL import Image
 
-from callbacks.plots import figure_to_array, importance_heatmap, save_figure
 from evaluation.loading import Runtime, build_data, label_of, load_checkpoint, require_gpt
 from evaluation.metrics import ablation_curve, measure, rows_fingerprint, validation_batches
 from evaluation.sinks import sink_attention, sinks_figure
 from model.balance import coefficient_of_variation, sink_ratio
 from model.gpt import GPT
+from plots import figure_to_array, importance_heatmap, save_figure
 
 log = logging.getLogger("eval")
 

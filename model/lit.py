@@ -1,37 +1,45 @@
-"""The LightningModule: LM loss + head-balancing aux loss, AdamW with warmup and decay, BPB metric."""
+"""The LightningModule: LM loss + head-balancing aux loss, AdamW with warmup and decay, BPB metric; and the interface
+the callbacks read it through (HeadBalancedModule)."""
 
 import math
+from typing import Any, Protocol
 
 import lightning as L
 import torch
-import torch.nn.functional as F
-from torchmetrics import MeanMetric, Metric
+from torchmetrics import MeanMetric
 
 from model.balance import aux_loss, importance
+from model.config import AuxConfig, OptimConfig
 from model.fp8 import check_device as check_fp8_device
 from model.fp8 import convert as convert_to_fp8
 from model.fp8 import fsdp_float8_all_gather, precompute_fsdp_scales
 from model.gpt import GPT, GPTConfig
-
-AUX_SCOPES = ("global", "local")
-DECAYS = ("cosine", "linear", "none")
+from model.metrics import BitsPerByte, token_nll
 
 
-class BitsPerByte(Metric):
-    """Σ token NLL (nats) / (ln 2 · Σ UTF-8 bytes of the targets); tokens with 0 bytes are left out."""
+class GatedLM(Protocol):
+    """The model contract: model.gpt.GPT and model.hf.HFGatedLM both fit it."""
 
-    def __init__(self):
-        super().__init__()
-        self.add_state("nats", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("bytes", torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
+    cfg: Any  # n_layer, n_head (and seq_len for our GPT)
 
-    def update(self, nll: torch.Tensor, target_bytes: torch.Tensor):
-        counted = target_bytes > 0  # a mask, not indexing: no host sync in the training step
-        self.nats += torch.where(counted, nll, 0.0).double().sum()
-        self.bytes += target_bytes.sum()
+    def __call__(self, idx: torch.Tensor, head_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """idx (B, T) -> logits (B, T, V) and gates (L, B, H, T); head_mask (L, H) scales each head's output."""
 
-    def compute(self):
-        return self.nats / (math.log(2) * self.bytes)
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token at this context length (MFU)."""
+
+
+class HeadBalancedModule(Protocol):
+    """What the callbacks read from the LightningModule; SinkAwareLM fits it. A callback annotates its pl_module
+    with it, so a module that trains another way only has to give these."""
+
+    model: GatedLM
+    aux_config: AuxConfig
+    shared_heads: torch.Tensor  # (L, H) bool, a buffer: the heads exempt from balancing (Eq. 8)
+    last_importance: torch.Tensor | None  # (L, H) importance of the latest training batch, detached, on the device
+
+    def __call__(self, idx: torch.Tensor, head_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's forward: logits and gates."""
 
 
 def lr_lambda(warmup_steps: int, total_steps: int, decay: str, min_lr_ratio: float):
@@ -47,12 +55,6 @@ def lr_lambda(warmup_steps: int, total_steps: int, decay: str, min_lr_ratio: flo
     return factor
 
 
-def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-token NLL (B, T) in fp32. Compiled (compile=true), the fp32 upcast of the (B, T, V) logits is
-    fused into the loss kernel instead of being written to memory (4 GB at B=8, T=2048, V=65,536)."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
-
-
 def build_model(model: dict) -> torch.nn.Module:
     """Our GPT, or a Hugging Face model from a local directory when the config names one (model=hf)."""
     if "hf_path" in model:
@@ -63,23 +65,21 @@ def build_model(model: dict) -> torch.nn.Module:
 
 
 class SinkAwareLM(L.LightningModule):
-    """model / optim / aux are plain dicts (not DictConfig) so checkpoints load with weights_only=True."""
+    """model / optim / aux are plain dicts (not DictConfig) so checkpoints load with weights_only=True; optim and aux
+    are checked here, once, into aux_config and optim_config (model/config.py), which the code reads."""
 
     def __init__(self, model: dict, optim: dict, aux: dict, compile: bool = False):
         super().__init__()
         self.save_hyperparameters()
+        self.aux_config, self.optim_config = AuxConfig.from_dict(aux), OptimConfig.from_dict(optim)
         self.model = build_model(model)
-        try:
-            self.aux_weight = float(aux["lambda"])
-        except (TypeError, ValueError):
-            raise ValueError(f"aux.lambda={aux['lambda']!r} is not a number: give e.g. aux.lambda=1e-4") from None
-        if self.aux_weight < 0:
-            raise ValueError(f"aux.lambda={self.aux_weight} must be >= 0")
-        if aux["scope"] not in AUX_SCOPES:
-            raise ValueError(f"aux.scope={aux['scope']!r} is not one of {AUX_SCOPES}")
-        if optim["decay"] not in DECAYS:
-            raise ValueError(f"optim.decay={optim['decay']!r} is not one of {DECAYS}")
         cfg = self.model.cfg
+        m = self.aux_config.shared_heads
+        if m and m > cfg.n_head - 2:  # m = 0 (pretraining) fits any model
+            raise ValueError(
+                f"aux.shared_heads={m}: must be between 0 and {cfg.n_head - 2} (the model has {cfg.n_head} heads per "
+                "layer, and at least two routed heads are needed for a CV)"
+            )
         # Heads exempt from balancing (Eq. 8); all False in pretraining. A buffer, so it is checkpointed.
         self.register_buffer("shared_heads", torch.zeros(cfg.n_layer, cfg.n_head, dtype=torch.bool))
         self.train_bpb, self.val_bpb = BitsPerByte(), BitsPerByte()
@@ -125,10 +125,10 @@ class SinkAwareLM(L.LightningModule):
         logits, gates = self.model(batch["input_ids"])
         nll = self.token_nll(logits, batch["targets"])
         imp = importance(gates)
-        if self.hparams.aux["scope"] == "global":
+        if self.aux_config.scope == "global":
             imp = self.all_ranks_mean(imp)
-        has_shared = bool(self.hparams.aux.get("shared_heads", 0))
-        aux = aux_loss(imp, self.aux_weight, self.shared_heads if has_shared else None)
+        shared = self.shared_heads if self.aux_config.shared_heads else None
+        aux = aux_loss(imp, self.aux_config.weight, shared)
         return nll, imp, aux
 
     def all_ranks_mean(self, x):
@@ -146,7 +146,7 @@ class SinkAwareLM(L.LightningModule):
         self.train_bpb(nll.detach(), batch["target_bytes"])
         self.log_dict({"train/loss": lm_loss, "train/aux_loss": aux}, prog_bar=True)
         self.log("train/bpb", self.train_bpb, prog_bar=True, on_step=True, on_epoch=False)
-        return lm_loss + aux if self.aux_weight > 0 else lm_loss
+        return lm_loss + aux if self.aux_config.weight > 0 else lm_loss
 
     def validation_step(self, batch, batch_idx):
         """The LM loss only, with no collective of its own: the metrics are reduced over the ranks once, at the
@@ -177,17 +177,17 @@ class SinkAwareLM(L.LightningModule):
         return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
     def configure_optimizers(self):
-        opt = self.hparams.optim
+        opt = self.optim_config
         optimizer = torch.optim.AdamW(
-            self.param_groups(opt["weight_decay"]),
-            lr=opt["lr"],
-            betas=tuple(opt["betas"]),
-            eps=opt["eps"],
+            self.param_groups(opt.weight_decay),
+            lr=opt.lr,
+            betas=opt.betas,
+            eps=opt.eps,
             fused=self.device.type == "cuda",
         )
         total = self.trainer.max_steps
         if total is None or total <= 0:
             raise ValueError("trainer.max_steps must be set (> 0): the learning-rate schedule is defined over it")
-        schedule = lr_lambda(opt["warmup_steps"], total, opt["decay"], opt["min_lr_ratio"])
+        schedule = lr_lambda(opt.warmup_steps, total, opt.decay, opt.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from callbacks.plots import figure_to_array, importance_heatmap, save_figure
 from evaluation.report import ablation_figure, side_by_side
+from plots import figure_to_array, importance_heatmap, save_figure
 
 PRETRAINED_ORDER = ["vanilla", "sink", "gated"]
 

@@ -8,7 +8,9 @@ from tests.helpers import quiet_trainer
 
 
 def fit_printing(bar: ProgressBar, capsys) -> list[str]:
-    trainer = quiet_trainer(enable_progress_bar=True, callbacks=[bar], max_steps=2, log_every_n_steps=1)
+    trainer = quiet_trainer(
+        enable_progress_bar=True, enable_checkpointing=False, callbacks=[bar], max_steps=2, log_every_n_steps=1
+    )
     trainer.fit(BoringModel())
     return [line.split(" |")[0] for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
 
