@@ -94,6 +94,14 @@ class LastCheckpoint(ModelCheckpoint):
         trainer.should_stop = True
         self.requeue(trainer, signum)
 
+    def on_validation_end(self, trainer, pl_module):
+        super().on_validation_end(trainer, pl_module)
+        # SIGTERM during the last batch of a validation: Lightning stops only after it has counted the step for the
+        # loggers, and a checkpoint saved then resumes one logging step ahead (a step missing from the logs). Saved
+        # here instead, where Lightning's own validation-end checkpoints are.
+        if trainer.strategy.broadcast(trainer.received_sigterm):
+            self.write_last(trainer)
+
     def on_train_end(self, trainer, pl_module):
         self.write_last(trainer)
 

@@ -37,7 +37,8 @@ class AppendingWriter(ExperimentWriter):
             return
         with open(self.metrics_file_path, newline="") as file:
             reader = csv.DictReader(file)
-            rows = [row for row in reader if int(row["step"]) < step]
+            # a row cut short by a kill lacks fields (None): it was logged after the checkpoint anyway
+            rows = [row for row in reader if None not in row.values() and int(row["step"]) < step]
             columns = list(reader.fieldnames or [])
         self.metrics_keys = columns
         partial = f"{self.metrics_file_path}.partial"  # a kill while writing leaves the old file whole

@@ -45,11 +45,16 @@ def wait_for(path: Path, process, timeout: float = 300) -> None:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(start_train, tmp_path_factory) -> dict[int, str]:
+def uninterrupted_dir(start_train, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("uninterrupted")
     process = start_train(*RUN, f"hydra.run.dir={run_dir}")
     assert process.wait(timeout=600) == 0, process.read_output()[-3000:]
-    return losses(run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(uninterrupted_dir) -> dict[int, str]:
+    return losses(uninterrupted_dir)
 
 
 @pytest.mark.slow
@@ -68,8 +73,8 @@ def test_killed_run_resumes_with_the_uninterrupted_losses(start_train, tmp_path,
         before = losses(run_dir)
         assert sorted(before) == list(range(stopped_at))
     else:  # SIGKILL: back to the last scheduled checkpoint; the steps after it are trained again
-        before = {step: loss for step, loss in uninterrupted.items() if step < stopped_at}
-        assert stopped_at % 4 == 0
+        before = losses(run_dir)  # rows go to disk as logged: the killed process's, up to the checkpoint and past it
+        assert stopped_at % 4 == 0 and set(range(stopped_at)) <= set(before)
 
     second = start_train(*RUN, "run=killed", cwd=tmp_path)
     assert second.wait(timeout=600) == 0, second.read_output()[-3000:]
@@ -79,6 +84,37 @@ def test_killed_run_resumes_with_the_uninterrupted_losses(start_train, tmp_path,
     assert losses(run_dir) == uninterrupted and before.items() <= uninterrupted.items()
     assert saved_step(last) == STEPS
     assert f"checkpoint {last}: training held" in second.read_output()  # written in the background
+
+
+def validations(run_dir: Path) -> dict[int, str]:
+    """Lightning's row step of each validation (the last training batch before it) -> val/bpb, as written."""
+    return {int(row["step"]): row["val/bpb"] for row in csv_rows(run_dir / "csv") if row.get("val/bpb")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["train", "validation-first", "validation-last"])
+def test_sigterm_before_or_during_a_validation_resumes_with_every_step_logged_once(
+    start_train, tmp_path, uninterrupted_dir, uninterrupted, where
+):
+    """SIGTERM while the step before a validation trains (step 6), or while that validation runs: the run stops at
+    step 6 and the resumed run logs steps 6-15, each once, with the uninterrupted run's losses. The validation is
+    lost unless the signal came during its last batch (docs/checkpointing.md: Lightning stops a validation at its next
+    batch and a resumed run does not run it again)."""
+    signal_at = f"+callbacks.signal={{_target_:tests.signal_probe.SignalAt,step:6,where:{where}}}"
+    run_dir = tmp_path / "run"
+    first = start_train(*RUN, signal_at, f"hydra.run.dir={run_dir}")
+    assert first.wait(timeout=300) == 128 + signal.SIGTERM, first.read_output()[-3000:]
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert saved_step(last) == 6
+    second = start_train(*RUN, signal_at, f"hydra.run.dir={run_dir}")
+    assert second.wait(timeout=600) == 0, second.read_output()[-3000:]
+    logged = [int(row["step"]) for row in csv_rows(run_dir / "csv") if row["train/loss"]]
+    assert sorted(logged) == list(range(STEPS)), "a step was skipped or repeated"
+    assert losses(run_dir) == uninterrupted
+    expected = validations(uninterrupted_dir)
+    if where != "validation-last":
+        del expected[5]  # the validation after step 6 (Lightning's row step 5)
+    assert validations(run_dir) == expected
 
 
 FULL_DISK_FROM_STEP_8 = """

@@ -1,0 +1,31 @@
+"""A callback the resume tests add to train.py (`+callbacks.signal=...`): a real signal to its own process at an exact
+point of a new run, so that each place where a signal can land is tested, not only where a timer happens to hit."""
+
+import os
+import signal
+
+import lightning as L
+
+
+class SignalAt(L.Callback):
+    """Sends the signal `name` to this process once, in a new run (not a resumed one): while the training step that
+    ends at global step `step` runs (`where: train`), or while the first or last batch of the validation after that
+    step runs (`where: validation-first`, `validation-last`)."""
+
+    def __init__(self, step: int, where: str = "train", name: str = "SIGTERM"):
+        self.step, self.where, self.signum = step, where, signal.Signals[name]
+
+    def send(self, trainer) -> None:
+        if trainer.ckpt_path is None:
+            os.kill(os.getpid(), self.signum)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.where == "train" and trainer.global_step + 1 == self.step:
+            self.send(trainer)
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if trainer.sanity_checking or trainer.global_step != self.step:
+            return
+        last = trainer.num_val_batches[dataloader_idx] - 1
+        if (self.where, batch_idx) in (("validation-first", 0), ("validation-last", last)):
+            self.send(trainer)
