@@ -8,8 +8,8 @@ heads/cv_routed_mean: the CV the aux loss balances. Images: heads/heatmap, heads
 
 The module (model.lit.HeadBalancedModule) leaves each training batch's importance (L, H) on the device
 (pl_module.last_importance). It is summed there, and once per logging interval the interval's mean moves to the
-host in one transfer (not one .item() per scalar); the CV is computed from that mean, so it is the CV of the importance measured over all
-tokens of the interval, the same numbers the heatmap shows; the sink ratio too.
+host in one transfer (not one .item() per scalar); the CV is computed from that mean, so it is the CV of the
+importance measured over all tokens of the interval, the same numbers the heatmap shows; the sink ratio too.
 """
 
 from pathlib import Path
