@@ -23,9 +23,11 @@ from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning_utilities.core.apply_func import apply_to_collection
+from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.tensor import DTensor
 
 log = logging.getLogger(__name__)
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2}  # ignored by the writer process
 PARTIAL = ".tmp."  # <checkpoint name>.tmp.<pid of its writer>: never a *.ckpt, so never resumed from
 
 
@@ -47,15 +49,21 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 os.fsync(f.fileno())
         except BaseException as err:
             partial.unlink(missing_ok=True)
-            if isinstance(err, OSError) or full_disk(err):
-                raise write_error(path, err) from None
+            if disk_failure(err) is not None:
+                raise write_error(path, disk_failure(err)) from None
             raise
         publish(partial, path)
 
 
-def full_disk(err: BaseException) -> bool:
-    """torch.save reports a write cut short (a full disk, a quota, a file size limit) as this RuntimeError."""
-    return isinstance(err, RuntimeError) and "unexpected pos" in str(err)
+def disk_failure(err: BaseException) -> BaseException | None:
+    """The error of the filesystem behind a failed write (an OSError, or torch.save's RuntimeError for a write cut
+    short: a full disk, a quota, a file size limit), or None for any other failure. A sharded write fails with DCP's
+    CheckpointException, which holds every rank's error."""
+    causes = [cause for cause, _ in err.failures.values()] if isinstance(err, CheckpointException) else [err]
+    for cause in causes:
+        if isinstance(cause, OSError) or (isinstance(cause, RuntimeError) and "unexpected pos" in str(cause)):
+            return cause
+    return None
 
 
 def write_error(path: Path, err: BaseException) -> CheckpointWriteError:
@@ -140,7 +148,13 @@ class BackgroundCheckpointIO(AtomicCheckpointIO):
         context = torch.multiprocessing.get_context("spawn")  # CUDA cannot be forked; the writer needs none
         self.jobs, self.results = context.Queue(), context.Queue()
         self.writer = context.Process(target=serve, args=(self.jobs, self.results, os.getpid()), daemon=True)
-        self.writer.start()
+        # Started with the stop signals blocked (the mask is inherited), so that none kills it before serve()
+        # ignores them; here they wait until the writer has started.
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            self.writer.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         start = time.perf_counter()
@@ -200,7 +214,13 @@ class BackgroundCheckpointIO(AtomicCheckpointIO):
 
 
 def serve(jobs, results, parent: int) -> None:
-    """The writer process: writes and removes checkpoints in the order they come, until it gets None."""
+    """The writer process: writes and removes checkpoints in the order they come, until it gets None. It ignores the
+    signals that stop a run: SLURM sends SIGTERM (scancel, preemption) and the requeue signal to every process of the
+    job, and the training process, which handles them, still needs its writer for the checkpoint that follows. The
+    writer ends when the training process tells it to, or dies with it."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     die_with(parent)
     io, failed = AtomicCheckpointIO(), False
     while (job := jobs.get()) is not None:

@@ -20,7 +20,7 @@ from pathlib import Path
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from checkpoints.writer import PARTIAL, publish
+from checkpoints.writer import PARTIAL, disk_failure, publish, write_error
 
 
 class FSDPStrategy(ModelParallelStrategy):
@@ -39,7 +39,14 @@ class FSDPStrategy(ModelParallelStrategy):
         path = Path(filepath)
         partial = Path(self.broadcast(str(path.with_name(f"{path.name}{PARTIAL}{os.getpid()}"))))  # rank 0's name
         checkpoint["world_size"] = self.world_size  # a resume on another number of ranks is told apart by it
-        super().save_checkpoint(checkpoint, partial)  # every rank writes its shards; rank 0 .metadata and meta.pt
+        try:  # every rank writes its shards; rank 0 .metadata and meta.pt
+            super().save_checkpoint(checkpoint, partial)
+        except BaseException as err:  # DCP's CheckpointException is a BaseException, raised on every rank
+            if disk_failure(err) is None:
+                raise
+            if self.is_global_zero:
+                shutil.rmtree(partial, ignore_errors=True)
+            raise write_error(path, disk_failure(err)) from None
         self.barrier("sharded checkpoint written")
         if self.is_global_zero:
             complete = path.with_name(f"{path.name}.shards-{time.time_ns()}")

@@ -215,3 +215,15 @@ def test_cuda_tensors_go_to_pinned_buffers_reserved_once_and_kept(tmp_path):
     assert list(io.buffers.values()) == [buffer]  # the same pinned memory at every save
     assert saved(tmp_path / "best.ckpt") == saved(tmp_path / "last.ckpt") == (1, 0.0)
     assert saved(tmp_path / "next.ckpt") == (2, 10.0)
+
+
+def test_the_writer_survives_the_signals_that_slurm_sends_to_every_process_of_a_job(tmp_path, monkeypatch):
+    """scancel, a preemption or the requeue signal reach the writer too: the checkpoint that the training process
+    writes in answer to them must still be written."""
+    in_the_writer(monkeypatch, tmp_path, seconds=0.5)
+    io = BackgroundCheckpointIO()
+    io.save_checkpoint({"global_step": 3, "state_dict": {"weight": torch.full((1,), 3.0)}}, tmp_path / "last.ckpt")
+    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT):
+        os.kill(io.writer.pid, signum)
+    io.teardown()
+    assert saved(tmp_path / "last.ckpt") == (3, 3.0)
