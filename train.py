@@ -29,7 +29,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from checkpoints import reader
-from checkpoints.lock import hold_run_dir, launched_as_rank_zero
+from checkpoints.lock import hold_run_dir, launched_as_rank_zero, lock_wait_s
 from checkpoints.writer import BackgroundCheckpointIO, CheckpointWriteError, remove_partial_writes
 from model.lit import SinkAwareLM
 
@@ -121,7 +121,7 @@ def main(cfg: DictConfig) -> None:
     try:
         # Rank 0 holds the run directory for the whole run: a second train.py on it stops here, before any work.
         owner = launched_as_rank_zero()
-        with hold_run_dir(Path(cfg.paths.output_dir)) if owner else contextlib.nullcontext():
+        with hold_run_dir(Path(cfg.paths.output_dir), lock_wait_s()) if owner else contextlib.nullcontext():
             datamodule, module, trainer = build(cfg)
             log.info("model: %s, %.2fM parameters", module.model.cfg, module.model.num_params() / 1e6)
             # Lightning's own ModelCheckpoint (when ours are switched off) has no directory before fit: none to resume

@@ -2,12 +2,16 @@
 resumes; a resume with another model, or onto a full disk, stops in one line. Real train.py processes."""
 
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from checkpoints import reader
+from checkpoints.lock import REQUEUE_WAIT_S, hold_run_dir, lock_wait_s
 
 RUN = ["logger=csv", "trainer.log_every_n_steps=1", "callbacks.checkpoint_last.every_n_train_steps=2"]
 
@@ -149,3 +153,32 @@ def test_a_full_disk_at_a_save_stops_the_run_in_one_line_and_keeps_the_last_good
     assert [path.name for path in last.parent.iterdir()] == (["last.ckpt"] if resumed else [])
     if resumed:
         assert reader.find_resumable([str(last.parent)]) == str(last) and reader.saved_step(last) == 2
+
+
+HOLD_FOR_2_S = """
+import sys, time
+from pathlib import Path
+from checkpoints.lock import hold_run_dir
+with hold_run_dir(Path(sys.argv[1])):
+    print("held", flush=True)
+    time.sleep(2)
+"""
+
+
+def test_a_requeued_job_waits_for_its_previous_run_to_release_the_directory(tmp_path, monkeypatch, caplog):
+    """The previous run of a requeued job may still be ending (SLURM's KillWait, on another node): the requeued run
+    waits for the lock a bounded time, saying so, where any other start stops at once."""
+    root = str(Path(__file__).parents[1])
+    previous = subprocess.Popen([sys.executable, "-c", HOLD_FOR_2_S, str(tmp_path)], cwd=root, stdout=subprocess.PIPE)
+    assert previous.stdout.readline() == b"held\n"
+    with pytest.raises(ValueError, match=rf"in use by another live train.py \(pid {previous.pid} on host"):
+        with hold_run_dir(tmp_path, lock_wait_s()):
+            pass
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert lock_wait_s() == REQUEUE_WAIT_S
+    started = time.monotonic()
+    with hold_run_dir(tmp_path, lock_wait_s()):
+        waited = time.monotonic() - started
+    assert 1 < waited < 10, "it did not wait for the previous run, or not only until that one ended"
+    assert previous.wait(timeout=10) == 0
+    assert f"is held by pid {previous.pid} on host" in caplog.text and "waiting up to 120 s" in caplog.text
