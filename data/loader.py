@@ -13,6 +13,8 @@ import itertools
 import torch.distributed as dist
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+import compat
+
 
 def rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
@@ -58,7 +60,7 @@ class ConsumedStateLoader(StatefulDataLoader):
                 "resume with the same number of devices and nodes to continue the data stream exactly"
             )
         mine = state["ranks"][rank]
-        saved_workers = mine["_snapshot"]["_main_snapshot"]["_num_workers"] if "_snapshot" in mine else 0
+        saved_workers = compat.loader_state_workers(mine)
         if saved_workers != self.num_workers:
             raise ValueError(
                 f"the checkpoint's data position was saved with data.num_workers={saved_workers}, this run has "

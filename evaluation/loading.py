@@ -6,7 +6,6 @@ base directory must still be there; transformers is imported only then). Both gi
 
 import contextlib
 from pathlib import Path
-from typing import Any, Protocol
 
 import torch
 from hydra.utils import instantiate
@@ -14,16 +13,7 @@ from omegaconf import DictConfig, open_dict
 
 from checkpoints import reader
 from model.gpt import GPT
-from model.lit import build_model
-
-
-class GatedLM(Protocol):
-    """The model contract of evaluation: model.gpt.GPT and model.hf.HFGatedLM both fit it."""
-
-    cfg: Any  # n_layer, n_head (and seq_len for our GPT)
-
-    def __call__(self, idx: torch.Tensor, head_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """idx (B, T) -> logits (B, T, V) and gates (L, B, H, T); head_mask (L, H) scales each head's output."""
+from model.lit import GatedLM, build_model
 
 
 def checkpoint_path(cfg: DictConfig) -> Path:

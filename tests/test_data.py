@@ -22,7 +22,7 @@ from data.corpus import Corpus
 from data.datamodule import TextDataModule
 from data.offline import FINEWEB_SCHEMA
 from data.tokenizer import BPETokenizer, ByteTokenizer, TiktokenTokenizer
-from model.lit import BitsPerByte
+from model.metrics import BitsPerByte
 
 ROOT = Path(__file__).parents[1]
 WORDS = "the sink token attention head gate balance loss layer query key value über naïve 東京 🙂".split()

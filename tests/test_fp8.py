@@ -126,7 +126,15 @@ def test_the_converted_model_trains_in_emulated_float8(recipe):
 
 
 def lit_module(**model) -> SinkAwareLM:
-    optim = {"lr": 1e-3, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.0, "decay": "none"}
+    optim = {
+        "lr": 1e-3,
+        "betas": [0.9, 0.95],
+        "eps": 1e-8,
+        "weight_decay": 0.0,
+        "decay": "none",
+        "warmup_steps": 0,
+        "min_lr_ratio": 1.0,
+    }
     return SinkAwareLM(model={**TINY16, **model}, optim=optim, aux={"lambda": 1e-4, "scope": "local"})
 
 
