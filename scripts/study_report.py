@@ -229,9 +229,11 @@ def build_report(out: Path, docs: Path, img: Path, part: int = 1) -> None:
     save_figure(cv_curves_figure(out, pretrained), img / f"{name}_cv_curves.png")
     a = evals["corpus_a"]
     Image.fromarray(heatmaps([a[r] for r in pretrained], pretrained)).save(img / f"{name}_heatmaps.png")
+    figures = ["cv_curves", "heatmaps"]
     shown = [r for r in pretrained if spec["ablation"](r) and "ablation" in a[r]]
-    save_figure(ablation_figure({r: a[r]["ablation"] for r in shown}), img / f"{name}_ablation.png")
-    figures = ["cv_curves", "heatmaps", "ablation"]
+    if shown:  # an evaluation run with ablation.samples=0 has no curve to draw
+        save_figure(ablation_figure({r: a[r]["ablation"] for r in shown}), img / f"{name}_ablation.png")
+        figures.append("ablation")
     tuned = sorted(evals["finetune"], key=sort_key)
     if tuned:
         finetune = heatmaps([evals["finetune"][r] for r in tuned], tuned)
