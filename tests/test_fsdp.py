@@ -2,7 +2,10 @@
 CPU (gloo) trains, validates, writes sharded checkpoints (every rank its own part) and resumes from one with the
 uninterrupted run's losses, bit for bit; on 1 rank it resumes with the same weights and optimizer state."""
 
+import os
 import shutil
+import signal
+import time
 from pathlib import Path
 
 import lightning.pytorch.strategies.model_parallel as model_parallel
@@ -39,7 +42,7 @@ def test_devices_auto_gives_one_data_parallel_group_of_every_device(monkeypatch,
     assert sizes == [(4 * num_nodes, 1, 4 * num_nodes)]  # data parallel = world size, no tensor parallelism
 
 
-RUN = [
+FSDP_RUN = [
     "trainer=fsdp",
     "trainer.accelerator=cpu",
     "trainer.devices=2",
@@ -50,6 +53,9 @@ RUN = [
     "trainer.val_check_interval=3",  # validations before (3) and after (6) the resume point
     "optim.warmup_steps=2",
     "callbacks.checkpoint_last.every_n_train_steps=4",
+]
+RUN = [
+    *FSDP_RUN,
     # keep the step-4 checkpoint too (last.ckpt is overwritten at step 8): the uninterrupted run's resume point
     "callbacks.checkpoint_best.monitor=null",
     "callbacks.checkpoint_best.save_top_k=-1",
@@ -126,3 +132,84 @@ def assert_equal(a, b, where="") -> None:
         assert torch.equal(a, torch.as_tensor(b)), where
     else:
         assert a == b, where
+
+
+SLOW_SHARDED_WRITES = """
+import time
+import torch.distributed.checkpoint as dcp
+real_save, calls = dcp.save, []
+def save(*args, **kwargs):
+    real_save(*args, **kwargs)
+    calls.append(1)
+    if len(calls) >= 2:
+        time.sleep(600)  # the shards of step 8 written, not yet published: the test kills every rank here
+dcp.save = save
+"""
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and its descendants (Lightning started rank 1 from rank 0)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [pid, *(p for child in children for p in process_tree(int(child)))]
+
+
+@pytest.mark.slow
+def test_a_kill_during_a_sharded_write_resumes_from_the_previous_published_checkpoint(start_train, tmp_path):
+    """Issue 23 under trainer=fsdp: every rank SIGKILLed while the shards of step 8 are written (the job killed, a
+    node lost): last.ckpt still links the complete folder of step 4, and the same command resumes from it."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SLOW_SHARDED_WRITES)
+    run_dir = tmp_path / "run"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    run = [*FSDP_RUN, "callbacks.checkpoint_best=null", f"hydra.run.dir={run_dir}"]
+    first = start_train(*run, env={"PYTHONPATH": str(site)})
+    partial = lambda: list(last.parent.glob("last.ckpt.tmp.*"))  # noqa: E731
+    deadline = time.monotonic() + 300
+    while not (last.is_symlink() and partial() and (partial()[0] / ".metadata").exists()):
+        assert first.poll() is None and time.monotonic() < deadline, first.read_output()[-3000:]
+        time.sleep(0.05)
+    published = last.resolve()
+    for pid in process_tree(first.pid):
+        os.kill(pid, signal.SIGKILL)
+    first.wait(timeout=60)
+    assert last.resolve() == published and reader.saved_step(last) == 4
+    assert reader.find_resumable([str(last.parent)]) == str(last)
+
+    second = start_train(*run)
+    assert second.wait(timeout=300) == 0, second.read_output()[-3000:]
+    assert f"resuming {last}" in second.read_output()
+    assert sorted(metrics(run_dir, "train/loss")) == list(range(8)), "a step was skipped or repeated"
+    assert reader.saved_step(last) == 8 and not partial() and not published.exists()
+
+
+FILE_SIZE_LIMIT = """
+import resource, signal
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead of killing the process
+resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+"""
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_a_sharded_write_stops_the_run_in_one_line_and_keeps_the_last_good_checkpoint(
+    start_train, tmp_path
+):
+    """A file size limit makes every rank's shard write fail as a full disk does."""
+    run_dir = tmp_path / "run"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    run = [*FSDP_RUN, "callbacks.checkpoint_best=null", "callbacks.checkpoint_last.every_n_train_steps=2"]
+    first = start_train(*run, "trainer.max_steps=2", f"hydra.run.dir={run_dir}")
+    assert first.wait(timeout=300) == 0, first.read_output()[-3000:]
+    published = last.resolve()
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(FILE_SIZE_LIMIT)
+    full = start_train(*run, "trainer.max_steps=4", f"hydra.run.dir={run_dir}", env={"PYTHONPATH": str(site)})
+    assert full.wait(timeout=300) == 1, full.read_output()[-3000:]
+    output = full.read_output()
+    error = f"could not write checkpoint {last} (the disk is full or over quota); the previous one is untouched"
+    assert error in output  # on each rank: DCP raises every rank's failure on every rank
+    assert "GB free on its filesystem" in output and "Traceback" not in output
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt", published.name]  # no partial folder
+    assert last.resolve() == published and reader.saved_step(last) == 2
+    assert reader.find_resumable([str(last.parent)]) == str(last)
