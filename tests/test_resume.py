@@ -117,6 +117,65 @@ def test_sigterm_before_or_during_a_validation_resumes_with_every_step_logged_on
     assert validations(run_dir) == expected
 
 
+SLOW_WRITES_FROM_STEP_8 = """
+import time, torch
+real_save = torch.save
+def save(obj, f, *args, **kwargs):
+    real_save(obj, f, *args, **kwargs)
+    if isinstance(obj, dict) and obj.get("global_step", 0) >= 8:
+        time.sleep(600)  # written to its .tmp.<pid>, not renamed over last.ckpt yet: the test kills it here
+torch.save = save
+"""
+
+
+def alive(pid: int) -> bool:
+    """A process that exists and is not a zombie waiting to be reaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.slow
+def test_a_sigkill_during_a_checkpoint_write_resumes_from_the_previous_complete_one(
+    start_train, tmp_path, uninterrupted
+):
+    """Issue 23: train.py killed while its writer process writes last.ckpt of step 8 (slowed down there by a
+    sitecustomize): last.ckpt stays the complete one of step 4, the writer dies with the run, and the same command
+    resumes from step 4 with the uninterrupted run's losses."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SLOW_WRITES_FROM_STEP_8)
+    run_dir = tmp_path / "outputs" / "killed"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    run = [*RUN, "callbacks.checkpoint_best=null", "run=killed"]  # last.ckpt only: no best-k of step 6 to resume
+    first = start_train(*run, cwd=tmp_path, env={"PYTHONPATH": str(site)})
+    wait_for(last, first)  # step 4, complete
+    partial = lambda: list(last.parent.glob("last.ckpt.tmp.*"))  # noqa: E731
+    deadline = time.monotonic() + 300
+    while not partial():  # the write of step 8 has begun
+        assert first.poll() is None and time.monotonic() < deadline, first.read_output()[-3000:]
+        time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)
+    assert first.wait(timeout=60) == -signal.SIGKILL
+    (leftover,) = partial()
+    writer = int(leftover.name.rsplit(".", 1)[1])
+    deadline = time.monotonic() + 10
+    while alive(writer):
+        assert time.monotonic() < deadline, "the writer process outlived the killed run"
+        time.sleep(0.05)
+    assert saved_step(last) == 4 and find_resumable([str(last.parent)]) == str(last)
+
+    second = start_train(*run, cwd=tmp_path)  # the same command, writing at full speed again
+    assert second.wait(timeout=600) == 0, second.read_output()[-3000:]
+    output = second.read_output()
+    assert f"resuming {last}" in output and f"removing {leftover}, left by a write that did not finish" in output
+    logged = [int(row["step"]) for row in csv_rows(run_dir / "csv") if row["train/loss"]]
+    assert sorted(logged) == list(range(STEPS)), "a step was skipped or repeated"
+    assert losses(run_dir) == uninterrupted
+    assert saved_step(last) == STEPS and not partial()
+
+
 FULL_DISK_FROM_STEP_8 = """
 import errno, torch
 real_save = torch.save
