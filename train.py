@@ -24,10 +24,10 @@ from hydra.types import RunMode
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
-from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+import compat
 from checkpoints import reader
 from checkpoints.lock import hold_run_dir, launched_as_rank_zero, lock_wait_s
 from checkpoints.writer import BackgroundCheckpointIO, CheckpointWriteError, remove_partial_writes
@@ -106,7 +106,7 @@ def end_job(trainer, code: int):
     destroy_process_group, can wait for collectives the other ranks will never finish."""
     if trainer is None or trainer.world_size == 1:
         sys.exit(code)
-    if isinstance(trainer.strategy.launcher, _SubprocessScriptLauncher):
+    if isinstance(trainer.strategy.launcher, compat.SubprocessScriptLauncher):
         trainer.strategy.launcher.kill(signal.SIGKILL)  # the ranks this process started, if any
     logging.shutdown()
     sys.stdout.flush()

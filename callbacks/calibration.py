@@ -57,13 +57,6 @@ class Calibration(L.Callback):
     def setup(self, trainer, pl_module, stage: str):
         """Runs before the optimizers exist, so they are built over the loaded weights. A resumed run loads
         its checkpoint after this, over these weights."""
-        n_heads = pl_module.shared_heads.size(1)
-        m = int(pl_module.hparams.aux["shared_heads"])
-        if not 0 <= m <= n_heads - 2:
-            raise ValueError(
-                f"aux.shared_heads={m}: must be between 0 and {n_heads - 2} (the model has {n_heads} heads per "
-                "layer, and at least two routed heads are needed for a CV)"
-            )
         if stage == "fit" and self.init_from is not None:
             load_weights(pl_module, self.init_from)
             log.info("fine-tuning from the weights of %s (fresh optimizer and schedule)", self.init_from)
@@ -73,7 +66,7 @@ class Calibration(L.Callback):
             log.info("shared heads restored from the checkpoint, not measured again")
             return
         imp = self.measure_importance(trainer, pl_module)
-        m = int(pl_module.hparams.aux["shared_heads"])
+        m = pl_module.aux_config.shared_heads
         pl_module.shared_heads.copy_(top_heads(imp, m))
         self.calibrated = True
         self.report(trainer, imp, pl_module.shared_heads.cpu(), m)

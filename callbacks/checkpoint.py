@@ -24,6 +24,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+import compat
 from checkpoints import reader
 from checkpoints.writer import BackgroundCheckpointIO, tensors_in
 
@@ -110,8 +111,8 @@ class LastCheckpoint(ModelCheckpoint):
             self.write_last(trainer)
 
     def write_last(self, trainer) -> None:
-        if self._last_global_step_saved != trainer.global_step and not trainer.sanity_checking:
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        if not trainer.sanity_checking:
+            compat.save_last_checkpoint(self, trainer)
 
     def requeue(self, trainer, signum) -> None:
         launcher_handler = self.previous_handlers.get(signum)

@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
+import compat
+
 CHECKPOINT_KEYS = ("state_dict", "optimizer_states", "loops", "global_step")
 SHARDED_META = "meta.pt"  # Lightning's name for the non-tensor part of a sharded checkpoint
 SHARDED_KEYS = ("state_dict", "global_step", "loops")  # optimizer state: DCP keys optimizer_0, ...
@@ -58,11 +60,9 @@ def load(path: Path, with_optimizer: bool = False) -> dict:
     checkpoint = metadata(path)
     if not is_sharded(path):
         return torch.load(path, map_location="cpu", weights_only=True)
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
-
     keys = {"state_dict"} | ({k for k in dcp_keys(path) if k.startswith("optimizer_")} if with_optimizer else set())
     try:  # DCP reads and joins the shards of every rank, in this one process, with no process group
-        return {**checkpoint, **_load_state_dict_from_keys(keys, checkpoint_id=str(path))}
+        return {**checkpoint, **compat.load_dcp_keys(keys, str(path))}
     except Exception as err:
         raise ValueError(f"its shards are unreadable ({str(err).splitlines()[0]})") from None
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
+import compat
 from checkpoints.writer import PARTIAL, disk_failure, publish, write_error
 
 
@@ -28,13 +29,14 @@ class FSDPStrategy(ModelParallelStrategy):
         """save_distributed_checkpoint=True: sharded checkpoints as above; False: rank 0 gathers the full weights and
         optimizer state into one file (the format of the other strategies), holding training for the gather."""
         super().__init__(tensor_parallel_size=1, save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)
+        self.sharded = save_distributed_checkpoint
 
     def setup_environment(self) -> None:
-        self._data_parallel_size = self.num_nodes * self.num_processes  # every rank shards the same model
+        compat.set_data_parallel_size(self, self.num_nodes * self.num_processes)  # every rank shards the same model
         super().setup_environment()
 
     def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
-        if not self._save_distributed_checkpoint:
+        if not self.sharded:
             return super().save_checkpoint(checkpoint, filepath, storage_options)
         path = Path(filepath)
         partial = Path(self.broadcast(str(path.with_name(f"{path.name}{PARTIAL}{os.getpid()}"))))  # rank 0's name

@@ -60,10 +60,15 @@ def calibration_importance(module, datamodule, batches: int) -> torch.Tensor:
     return torch.stack([importance(module(next(loader)["input_ids"])[1]) for _ in range(batches)]).mean(0)
 
 
+def save_trained(module: SinkAwareLM, path) -> None:
+    """A checkpoint with the keys of one train.py writes (weights, optimizer, loops, step), from a module's weights."""
+    torch.save({"state_dict": module.state_dict(), "optimizer_states": [], "loops": {}, "global_step": 0}, path)
+
+
 def test_shared_set_is_top_m_of_calibration_and_kept_on_resume(tmp_path, datamodule):
     trained = tiny_module(seed=1)
     init = tmp_path / "init.ckpt"
-    torch.save({"state_dict": trained.state_dict()}, init)
+    save_trained(trained, init)
     expected = top_heads(calibration_importance(trained, datamodule, batches=3), 2)
     fresh = tiny_module(seed=2)  # other weights: its own top heads differ, so loading init_from matters
     assert not torch.equal(top_heads(calibration_importance(fresh, datamodule, batches=3), 2), expected)
@@ -121,11 +126,11 @@ def test_init_from_errors_name_the_key_and_the_fix(tmp_path):
     with pytest.raises(FileNotFoundError, match="init_from=.*no such checkpoint"):
         load_weights(module, str(tmp_path / "missing.ckpt"))
     other = tmp_path / "other.ckpt"
-    torch.save({"state_dict": tiny_module(seed=6, attention="gated").state_dict()}, other)
+    save_trained(tiny_module(seed=6, attention="gated"), other)
     with pytest.raises(ValueError, match="use the model= and attention= of the run"):
         load_weights(module, str(other))
     with pytest.raises(ValueError, match=r"aux.shared_heads=3: must be between 0 and 2"):
-        Calibration(None).setup(None, tiny_module(seed=6, shared_heads=3), "fit")
+        tiny_module(seed=6, shared_heads=3)
 
 
 @pytest.mark.slow
@@ -135,7 +140,7 @@ def test_finetune_command_as_typed(tmp_path):
     model = dict(vocab_size=320, n_layer=2, n_embd=64, n_head=8, seq_len=32, attention="vanilla", backend="auto")
     init = tmp_path / "pretrained.ckpt"
     aux = {"lambda": 0.0, "shared_heads": 0, "scope": "global"}
-    torch.save({"state_dict": SinkAwareLM(model=model, optim=OPTIM, aux=aux).state_dict()}, init)
+    save_trained(SinkAwareLM(model=model, optim=OPTIM, aux=aux), init)
     shape = ["model.n_layer=2", "model.n_embd=64", "model.n_head=8", "model.seq_len=32", "data.batch_size=2"]
     run = ["trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "logger=csv"]
     cmd = [sys.executable, "train.py", "mode=finetune", f"init_from={init}", "aux.lambda=1e-2", "aux.shared_heads=3"]
