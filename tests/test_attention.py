@@ -187,6 +187,12 @@ def test_bad_config_names_the_key():
         GPTConfig(n_embd=100, n_head=3)
     with pytest.raises(ValueError, match="model.qk_norm='layer'"):
         GPTConfig(qk_norm="layer")
+    with pytest.raises(ValueError, match="model.n_head=0 must be a positive integer"):
+        GPTConfig(n_head=0)
+    with pytest.raises(ValueError, match="100 / 4 = 25: the rotary embedding needs an even head dimension"):
+        GPTConfig(n_embd=100, n_head=4)
+    with pytest.raises(ValueError, match="model.fp8='fp4'"):
+        GPTConfig(fp8="fp4")
 
 
 @pytest.mark.gpu
