@@ -5,6 +5,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # The floors of pyproject.toml, installed and tested (make test-min); under .cache/, which git ignores.
 VENV_MIN ?= .cache/venv-min
+# Two test processes (pytest-xdist), each test file in one of them: most end-to-end tests wait on processes and
+# signals, so two files at a time on two cores take ~2/3 of the time of one (the real-Slurm tests stay together).
+PYTEST_WORKERS ?= -n 2 --dist loadfile
 
 .PHONY: help install train test test-min lint bench study study2 clean
 
@@ -23,13 +26,13 @@ train: install  ## the main job: tiny model on the offline default corpus (CPU i
 
 test: install  ## the test suite (CPU, a few minutes)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(PYTEST_WORKERS)
 
 test-min: install  ## the unit tests on the lowest versions pyproject.toml allows (torch: the CPU 2.13.0 wheel)
 	@test -x $(VENV_MIN)/bin/python || $(PY) -m venv $(VENV_MIN)
 	$(BIN)/python scripts/lower_bounds.py > $(VENV_MIN)/constraints.txt
 	$(VENV_MIN)/bin/pip install -q -c $(VENV_MIN)/constraints.txt -e ".[dev]"
-	$(VENV_MIN)/bin/python -m pytest -m "not slow"
+	$(VENV_MIN)/bin/python -m pytest -m "not slow" $(PYTEST_WORKERS)
 
 lint:  ## ruff
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -9,6 +9,7 @@ path as FineWeb-Edu itself.
 import ast
 import hashlib
 import logging
+import os
 import random
 import sysconfig
 from pathlib import Path
@@ -84,9 +85,11 @@ def build_offline_corpus(cache_dir: str | Path, num_shards: int = 8) -> Path:
         raise RuntimeError("the offline corpus came out empty: this Python ships no docs or docstrings")
     for shard in range(num_shards):
         part = rows[shard::num_shards]
-        tmp = out / f".train-{shard:05d}.parquet.tmp"
+        # Two processes may build it at once (test workers, runs started together on a fresh cache): each writes
+        # its own temporary file, and the renames put the same bytes in place.
+        tmp = out / f".train-{shard:05d}.parquet.{os.getpid()}.tmp"
         pq.write_table(pa.Table.from_pylist(part, schema=FINEWEB_SCHEMA), tmp)
-        tmp.rename(out / f"train-{shard:05d}-of-{num_shards:05d}.parquet")
+        tmp.replace(out / f"train-{shard:05d}-of-{num_shards:05d}.parquet")
     done.write_text(f"{len(rows)} documents\n")
     log.info("wrote the offline corpus: %d documents in %d shards under %s", len(rows), num_shards, out)
     return out
