@@ -49,8 +49,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 os.fsync(f.fileno())
         except BaseException as err:
             partial.unlink(missing_ok=True)
-            if disk_failure(err) is not None:
-                raise write_error(path, disk_failure(err)) from None
+            cause = disk_failure(err)
+            if cause is not None:
+                raise write_error(path, cause) from None
             raise
         publish(partial, path)
 

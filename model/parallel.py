@@ -44,11 +44,12 @@ class FSDPStrategy(ModelParallelStrategy):
         try:  # every rank writes its shards; rank 0 .metadata and meta.pt
             super().save_checkpoint(checkpoint, partial)
         except BaseException as err:  # DCP's CheckpointException is a BaseException, raised on every rank
-            if disk_failure(err) is None:
+            cause = disk_failure(err)
+            if cause is None:
                 raise
             if self.is_global_zero:
                 shutil.rmtree(partial, ignore_errors=True)
-            raise write_error(path, disk_failure(err)) from None
+            raise write_error(path, cause) from None
         self.barrier("sharded checkpoint written")
         if self.is_global_zero:
             complete = path.with_name(f"{path.name}.shards-{time.time_ns()}")
