@@ -17,10 +17,11 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from model.attention import VARIANTS, flex_causal_attention, reference_attention, sdpa_causal_attention
+from model.fp8 import RECIPES
 
 BACKENDS = ("auto", "reference", "flex", "sdpa")
 QK_NORMS = ("rms", "rms_gain", "none")  # parameter-free RMSNorm (nanochat) | RMSNorm with a learned gain (Qwen3) | none
-FP8_RECIPES = (None, "tensorwise", "rowwise")  # torchao float8 training recipes (model/fp8.py); None = bf16
+FP8_RECIPES = (None, *RECIPES)  # torchao float8 training recipes (model/fp8.py); None = bf16
 
 
 @dataclass
