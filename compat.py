@@ -18,6 +18,7 @@ __all__ = [
     "loader_state_workers",
     "save_last_checkpoint",
     "set_data_parallel_size",
+    "uncount_logging_step",
 ]
 
 
@@ -29,6 +30,12 @@ def save_last_checkpoint(callback: ModelCheckpoint, trainer) -> bool:
         return False
     callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
     return True
+
+
+def uncount_logging_step(trainer) -> None:
+    """Take back the step Lightning counted for the loggers at the end of a training step (its epoch loop's
+    _batches_that_stepped): a checkpoint saved after a validation and before that count is what its restart expects."""
+    trainer.fit_loop.epoch_loop._batches_that_stepped -= 1
 
 
 def set_data_parallel_size(strategy: ModelParallelStrategy, size: int) -> None:

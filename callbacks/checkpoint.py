@@ -62,6 +62,7 @@ class LastCheckpoint(ModelCheckpoint):
             raise ValueError(f"requeue_signals: {err} is not a signal name (e.g. SIGUSR1, SIGUSR2)") from None
         self.received = 0  # the requeue signal received, 0 for none
         self.reserved = False  # host buffers of the background checkpoints pinned (after the first step)
+        self.validated_at = None  # the global step of the last validation that ran to its end
         self.previous_handlers = {}
 
     def on_train_start(self, trainer, pl_module):
@@ -97,6 +98,8 @@ class LastCheckpoint(ModelCheckpoint):
 
     def on_validation_end(self, trainer, pl_module):
         super().on_validation_end(trainer, pl_module)
+        if not trainer.sanity_checking:
+            self.validated_at = trainer.global_step
         # SIGTERM during the last batch of a validation: Lightning stops only after it has counted the step for the
         # loggers, and a checkpoint saved then resumes one logging step ahead (a step missing from the logs). Saved
         # here instead, where Lightning's own validation-end checkpoints are.
@@ -107,8 +110,14 @@ class LastCheckpoint(ModelCheckpoint):
         self.write_last(trainer)
 
     def on_exception(self, trainer, pl_module, exception):
-        if isinstance(exception, SIGTERMException):  # raised by Lightning between two steps
-            self.write_last(trainer)
+        if not isinstance(exception, SIGTERMException):  # raised by Lightning between two steps
+            return
+        if self.validated_at == trainer.global_step:
+            # SIGTERM after this step's validation ended (on_validation_end above saw none): Lightning raised once it
+            # had counted the step for the loggers, and its restart after a completed validation counts it again (the
+            # resumed run's logs skipped a step). Saved as at the validation's end instead.
+            compat.uncount_logging_step(trainer)
+        self.write_last(trainer)
 
     def write_last(self, trainer) -> None:
         if not trainer.sanity_checking:
