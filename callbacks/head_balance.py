@@ -33,6 +33,13 @@ def log_image(trainer, key: str, image: np.ndarray, step: int) -> None:
             logger.experiment.add_image(key, image, step, dataformats="HWC")
 
 
+def logged_row(step: int) -> int:
+    """Lightning logs optimizer step k's metrics (trainer.global_step == k once the step is done) in row k - 1, its
+    count of the steps before: the heads of step k go in that row, beside the step's train/loss. (In row k, they were
+    one step off the loss, and a resume from step k dropped them with the rows of the killed run after it.)"""
+    return step - 1
+
+
 def balance_metrics(imp, shared, sink_threshold: float = 0.3) -> dict[str, float]:
     """imp (L, H) float tensor on the host, shared (L, H) bool -> the scalars this callback logs."""
     cv = coefficient_of_variation(imp)
@@ -120,7 +127,7 @@ class HeadBalanceMonitor(L.Callback):
             self.shared = pl_module.shared_heads.cpu()
         metrics = balance_metrics(imp, self.shared, self.sink_threshold)
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
+            logger.log_metrics(metrics, step=logged_row(step))
         self.history_steps.append(step)
         self.history_cv.append(coefficient_of_variation(imp).tolist())
         self.latest = (step, imp.numpy())
@@ -136,6 +143,6 @@ class HeadBalanceMonitor(L.Callback):
 
     def publish(self, trainer, key: str, image: np.ndarray, step: int, filename: str) -> None:
         """Log the image and save the same pixels as a PNG under dirpath."""
-        log_image(trainer, key, image, step)
+        log_image(trainer, key, image, logged_row(step))
         Path(self.dirpath).mkdir(parents=True, exist_ok=True)
         Image.fromarray(image).save(Path(self.dirpath) / filename)

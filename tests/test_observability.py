@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import csv_metrics, quiet_trainer
+from helpers import csv_metrics, csv_rows, quiet_trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from PIL import Image
@@ -155,16 +155,17 @@ def test_wandb_offline_run_reads_back_with_the_values_of_the_model(tmp_path, mon
     assert f"wandb sync {run_dir}" in caplog.text
     rows = wandb_history(run_dir)
 
-    for step, interval in ((2, batches[:2]), (4, batches[2:])):  # each interval's mean, on the model's batches
-        row = row_at(rows, step, "heads/cv_mean")
+    # each interval's mean, on the model's batches, in Lightning's row of its last step (global_step - 1)
+    for step, interval in ((2, batches[:2]), (4, batches[2:])):
+        row = row_at(rows, step - 1, "heads/cv_mean")
         for key, value in head_keys(expected_importance(module, interval)).items():
             assert row[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
-        heatmap = row_at(rows, step, "heads/heatmap/_type")
+        heatmap = row_at(rows, step - 1, "heads/heatmap/_type")
         assert heatmap["heads/heatmap/_type"] == "images/separated"
         assert (run_dir / "files" / heatmap["heads/heatmap/filenames"][0]).is_file()
         assert (tmp_path / "heads" / f"importance_step_{step:06d}.png").is_file()
-    assert row_at(rows, 4, "heads/cv_curve/_type")["heads/cv_curve/count"] == 1
-    assert row_at(rows, 2, "heads/cv_mean")["heads/cv_mean"] > 0.05  # the check above compared real spread
+    assert row_at(rows, 3, "heads/cv_curve/_type")["heads/cv_curve/count"] == 1
+    assert row_at(rows, 1, "heads/cv_mean")["heads/cv_mean"] > 0.05  # the check above compared real spread
 
     # Lightning's own rows: step = index of the batch (global_step - 1).
     train_row = row_at(rows, 1, "train/bpb")
@@ -182,6 +183,9 @@ def test_csv_carries_every_metric_and_mfu_uses_the_given_peak(tmp_path):
     m = csv_metrics(tmp_path / "csv")
     for key in ("train/loss", "train/aux_loss", "train/bpb", "val/loss", "val/bpb", "lr-AdamW/pg1", "heads/cv/L01"):
         assert key in m, key
+    heads_rows = [row["step"] for row in csv_rows(tmp_path / "csv") if row["heads/cv_mean"]]
+    loss_rows = [row["step"] for row in csv_rows(tmp_path / "csv") if row["train/loss"]]
+    assert heads_rows == ["1", "3"] and set(heads_rows) <= set(loss_rows)  # steps 2 and 4, beside their losses
     assert m["heads/importance/L01/H03"][-1] == pytest.approx(expected_importance(module, batches[2:])[1, 3].item())
     flops = module.model.flops_per_token(16)
     assert np.allclose(np.array(m["perf/mfu"]) / np.array(m["perf/tokens_per_s"]), flops / 1e12)
@@ -199,7 +203,7 @@ def test_tensorboard_gets_scalars_and_images(tmp_path):
     scalars, images = set(events.Tags()["scalars"]), set(events.Tags()["images"])
     assert {"train/loss", "train/bpb", "val/bpb", "heads/cv_mean", "heads/importance/L00/H00"} <= scalars
     assert {"heads/heatmap", "heads/cv_curve"} <= images
-    assert [e.step for e in events.Images("heads/heatmap")] == [2, 4]
+    assert [e.step for e in events.Images("heads/heatmap")] == [1, 3]  # Lightning's rows of steps 2 and 4
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -32,6 +32,11 @@ def losses(run_dir: Path) -> dict[int, str]:
     return {int(row["step"]): row["train/loss"] for row in csv_rows(run_dir / "csv") if row["train/loss"]}
 
 
+def head_rows(run_dir: Path) -> list[int]:
+    """The row step of every heads/cv_mean row: the heads of each step, logged beside its train/loss."""
+    return sorted(int(row["step"]) for row in csv_rows(run_dir / "csv") if row.get("heads/cv_mean"))
+
+
 def saved_step(path: Path) -> int:
     return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"]
 
@@ -81,6 +86,7 @@ def kill_at_a_random_moment_and_resume(start_train, tmp_path, uninterrupted, kil
     assert f"resuming {last}" in second.read_output()
     logged = [int(row["step"]) for row in csv_rows(run_dir / "csv") if row["train/loss"]]  # both processes' rows
     assert sorted(logged) == list(range(STEPS)), "a step was skipped or repeated"
+    assert head_rows(run_dir) == list(range(STEPS)), "a step's heads were dropped or repeated"
     assert losses(run_dir) == uninterrupted and before.items() <= uninterrupted.items()
     assert saved_step(last) == STEPS
     assert f"checkpoint {last}: training held" in second.read_output()  # written in the background
@@ -120,6 +126,7 @@ def test_sigterm_before_or_during_a_validation_resumes_with_every_step_logged_on
     assert second.wait(timeout=600) == 0, second.read_output()[-3000:]
     logged = [int(row["step"]) for row in csv_rows(run_dir / "csv") if row["train/loss"]]
     assert sorted(logged) == list(range(STEPS)), "a step was skipped or repeated"
+    assert head_rows(run_dir) == list(range(STEPS)), "a step's heads were dropped or repeated"
     assert losses(run_dir) == uninterrupted
     expected = validations(uninterrupted_dir)
     if where not in ("validation-last", "after-validation"):
