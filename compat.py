@@ -18,6 +18,7 @@ __all__ = [
     "loader_state_workers",
     "save_last_checkpoint",
     "set_data_parallel_size",
+    "set_received_sigterm",
     "uncount_logging_step",
 ]
 
@@ -36,6 +37,12 @@ def uncount_logging_step(trainer) -> None:
     """Take back the step Lightning counted for the loggers at the end of a training step (its epoch loop's
     _batches_that_stepped): a checkpoint saved after a validation and before that count is what its restart expects."""
     trainer.fit_loop.epoch_loop._batches_that_stepped -= 1
+
+
+def set_received_sigterm(trainer) -> None:
+    """Lightning's SIGTERM flag (trainer.received_sigterm), set as its SIGTERM handler sets it: the loops then stop
+    the validation in progress at its next batch, or the training at the end of the step, raising SIGTERMException."""
+    trainer._signal_connector.received_sigterm = True
 
 
 def set_data_parallel_size(strategy: ModelParallelStrategy, size: int) -> None:

@@ -138,7 +138,7 @@ def main(cfg: DictConfig) -> None:
         # Errors we raise for bad input already say what is wrong and how to fix it: no traceback wall.
         log.error("%s (set HYDRA_FULL_ERROR=1 for the traceback)", err)
         end_job(trainer, 1)
-    except SIGTERMException:  # raised by Lightning between two steps, after LastCheckpoint saved that step
+    except SIGTERMException:  # raised by LastCheckpoint once the step it stopped at is saved (or by Lightning)
         log.warning("stopped by SIGTERM at step %d, saved: the same command resumes the run", trainer.global_step)
         sys.exit(128 + signal.SIGTERM)
     except Exception:

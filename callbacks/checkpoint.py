@@ -33,11 +33,16 @@ log = logging.getLogger(__name__)
 
 class LastCheckpoint(ModelCheckpoint):
     """last.ckpt every `every_n_train_steps` optimizer steps if set, else every `every_n_minutes` of training, at the
-    end of training, on SIGTERM (Lightning stops at the end of the step) and on a requeue signal. After a requeue
-    signal it waits for the write, requeues the job, then stops: through the launcher's own handler when there is one
-    (submitit's, which requeues the same Hydra job), else with `scontrol requeue` when in a SLURM job. Other
-    exceptions save nothing: the state may be mid-step or NaN, and the last good checkpoint must not be overwritten
-    by it."""
+    end of training, on SIGTERM and on a requeue signal. A signal only sets a flag; at the end of the step in progress
+    (or of the validation in progress) every rank takes rank 0's flag, saves that step and stops. After SIGTERM the
+    run then ends with SIGTERMException (train.py exits 143); after a requeue signal it waits for the write, requeues
+    the job, then stops: through the launcher's own handler when there is one (submitit's, which requeues the same
+    Hydra job), else with `scontrol requeue` when in a SLURM job. Other exceptions save nothing: the state may be
+    mid-step or NaN, and the last good checkpoint must not be overwritten by it.
+
+    Lightning's own SIGTERM handler is replaced while training runs: it broadcasts from inside the handler, on every
+    rank, wherever each rank's main thread happens to be, so with several ranks its broadcast met another collective
+    (a crash of the process group, or a hang), and a rank that had the flag stopped while another went on."""
 
     def __init__(
         self,
@@ -60,18 +65,23 @@ class LastCheckpoint(ModelCheckpoint):
             self.requeue_signals = [signal.Signals[name] for name in requeue_signals]
         except KeyError as err:
             raise ValueError(f"requeue_signals: {err} is not a signal name (e.g. SIGUSR1, SIGUSR2)") from None
-        self.received = 0  # the requeue signal received, 0 for none
+        self.received = 0  # the stop signal received (SIGTERM or a requeue signal), 0 for none
+        self.launcher = None  # the strategy's launcher: it forwards SIGTERM to the ranks it started
         self.reserved = False  # host buffers of the background checkpoints pinned (after the first step)
         self.validated_at = None  # the global step of the last validation that ran to its end
         self.previous_handlers = {}
 
     def on_train_start(self, trainer, pl_module):
         super().on_train_start(trainer, pl_module)  # starts the clock of every_n_minutes
-        # Here, after Lightning has set its own handlers; the previous handler is the launcher's, if any.
-        self.previous_handlers = {s: signal.signal(s, self.on_requeue_signal) for s in self.requeue_signals}
+        # Here, after Lightning has set its own handlers; a requeue signal's previous handler is the launcher's, if any.
+        self.launcher = trainer.strategy.launcher
+        signals = [signal.SIGTERM, *self.requeue_signals]
+        self.previous_handlers = {s: signal.signal(s, self.on_stop_signal) for s in signals}
 
-    def on_requeue_signal(self, signum, frame):
-        self.received = signum  # only a flag: the step in progress finishes first
+    def on_stop_signal(self, signum, frame):
+        if signum == signal.SIGTERM and self.received != signum and self.launcher is not None:
+            self.launcher.kill(signum)  # the ranks this process started, if any, as Lightning's handler did
+        self.received = self.received or signum  # only a flag: the step in progress finishes first
 
     def teardown(self, trainer, pl_module, stage):
         for signum, handler in self.previous_handlers.items():
@@ -86,27 +96,45 @@ class LastCheckpoint(ModelCheckpoint):
             if trainer.is_global_zero and isinstance(checkpoint_io, BackgroundCheckpointIO):  # rank 0 saves
                 optimizer_states = [optimizer.state_dict() for optimizer in trainer.optimizers]
                 checkpoint_io.reserve(tensors_in([pl_module.state_dict(), optimizer_states]))
-        signum = trainer.strategy.broadcast(self.received)  # rank 0 decides, so every rank saves at the same step
-        if not signum:
+        self.stop_if_signalled(trainer)
+
+    def on_validation_end(self, trainer, pl_module):
+        super().on_validation_end(trainer, pl_module)
+        if trainer.sanity_checking:
             return
+        self.validated_at = trainer.global_step
+        # A signal during a validation: saved here, where Lightning's own validation-end checkpoints are (later in the
+        # step, Lightning has counted the step for the loggers, and a checkpoint then resumes a logging step ahead).
+        self.stop_if_signalled(trainer)
+
+    def stop_if_signalled(self, trainer) -> None:
+        signum = trainer.strategy.broadcast(self.received)  # rank 0 decides, so every rank saves at the same step
+        if not signum or trainer.should_stop or trainer.received_sigterm:
+            return
+        self.received = signum
+        self.stop(trainer, signum)
         self.write_last(trainer)
         if isinstance(trainer.strategy.checkpoint_io, BackgroundCheckpointIO):
             trainer.strategy.checkpoint_io.wait()  # on disk before the job is requeued (submitit's handler exits)
         rank_zero_info(f"{signal.Signals(signum).name}: saved {self.last_model_path} at step {trainer.global_step}")
-        trainer.should_stop = True
-        self.requeue(trainer, signum)
+        if signum != signal.SIGTERM:
+            self.requeue(trainer, signum)
 
-    def on_validation_end(self, trainer, pl_module):
-        super().on_validation_end(trainer, pl_module)
-        if not trainer.sanity_checking:
-            self.validated_at = trainer.global_step
-        # SIGTERM during the last batch of a validation: Lightning stops only after it has counted the step for the
-        # loggers, and a checkpoint saved then resumes one logging step ahead (a step missing from the logs). Saved
-        # here instead, where Lightning's own validation-end checkpoints are.
-        if trainer.strategy.broadcast(trainer.received_sigterm):
-            self.write_last(trainer)
+    @staticmethod
+    def stop(trainer, signum: int) -> None:
+        """Before the save (a stopping run's checkpoint is written at once: FSDPStrategy). SIGTERM: Lightning's own
+        stop, now on every rank at once; it ends the step without a validation-on-stop (after SIGTERM the job's other
+        processes, loader workers and W&B's service, are gone too), and train.py exits 143. A requeue signal:
+        should_stop (the job goes on after the requeue)."""
+        if signum == signal.SIGTERM:
+            compat.set_received_sigterm(trainer)
+        else:
+            trainer.should_stop = True
 
     def on_train_end(self, trainer, pl_module):
+        signum = trainer.strategy.broadcast(self.received)
+        if signum and not (trainer.should_stop or trainer.received_sigterm):  # a signal after the last step's end
+            self.stop(trainer, signum)
         self.write_last(trainer)
 
     def on_exception(self, trainer, pl_module, exception):

@@ -33,6 +33,35 @@ def test_save_last_checkpoint_writes_last_ckpt_once_per_step(tmp_path):
     assert seen == [(True, 2, False)]  # written at step 2, then not again at the same step
 
 
+def test_set_received_sigterm_stops_a_run_at_the_end_of_its_step_as_lightnings_handler_does():
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    class StopAtStepTwo(Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 2:
+                compat.set_received_sigterm(trainer)
+
+    trainer = quiet_trainer(max_steps=5, limit_val_batches=0, callbacks=[StopAtStepTwo()])
+    try:
+        trainer.fit(BoringModel())
+    except SIGTERMException:
+        pass
+    assert trainer.received_sigterm and trainer.global_step == 2
+
+
+def test_uncount_logging_step_takes_back_lightnings_count_of_the_step():
+    counts = []
+
+    class Uncount(Callback):
+        def on_train_end(self, trainer, *args):
+            counts.append(trainer.fit_loop.epoch_loop._batches_that_stepped)
+            compat.uncount_logging_step(trainer)
+            counts.append(trainer.fit_loop.epoch_loop._batches_that_stepped)
+
+    quiet_trainer(max_steps=3, limit_val_batches=0, callbacks=[Uncount()]).fit(BoringModel())
+    assert counts == [3, 2]  # the logging step of the 3 steps trained, then one less
+
+
 def test_set_data_parallel_size_sets_what_the_constructor_sets():
     assert ModelParallelStrategy(data_parallel_size=3)._data_parallel_size == 3  # where setup_environment reads it
     strategy = ModelParallelStrategy()

@@ -70,9 +70,12 @@ def metrics(run_dir: Path, key: str) -> dict[int, str]:
 
 
 @pytest.mark.slow
-def test_two_rank_fsdp_run_resumes_with_the_uninterrupted_losses(start_train, tmp_path):
+@pytest.mark.parametrize("async_save", [False, True])
+def test_two_rank_fsdp_run_resumes_with_the_uninterrupted_losses(start_train, tmp_path, async_save):
+    """Both ways of writing the shards: at the save, or by a background process on each rank (async_save)."""
+    start = lambda *args: start_train(*args, f"trainer.strategy.async_save={async_save}")  # noqa: E731
     whole = tmp_path / "whole"
-    first = start_train(*RUN, f"hydra.run.dir={whole}")
+    first = start(*RUN, f"hydra.run.dir={whole}")
     assert first.wait(timeout=300) == 0, first.read_output()[-3000:]
     assert sorted(metrics(whole, "train/loss")) == list(range(8))
     assert sorted(metrics(whole, "val/bpb")) == [2, 5]  # Lightning's row step: the last batch index
@@ -91,7 +94,7 @@ def test_two_rank_fsdp_run_resumes_with_the_uninterrupted_losses(start_train, tm
     resumed = tmp_path / "resumed"
     (resumed / "checkpoints").mkdir(parents=True)
     copy_checkpoint(saved, resumed / "checkpoints")  # as if the run had stopped after step 4
-    second = start_train(*RUN, f"hydra.run.dir={resumed}")
+    second = start(*RUN, f"hydra.run.dir={resumed}")
     assert second.wait(timeout=300) == 0, second.read_output()[-3000:]
     assert "resuming" in second.read_output()
     after = metrics(resumed, "train/loss")
@@ -104,7 +107,7 @@ def test_two_rank_fsdp_run_resumes_with_the_uninterrupted_losses(start_train, tm
     copy_checkpoint(saved, one_rank / "checkpoints")
     dump = tmp_path / "restored.pt"
     probe = ["+callbacks.dump._target_=tests.fsdp_probes.DumpRestoredState", f"+callbacks.dump.path={dump}"]
-    third = start_train(*RUN, "trainer.devices=1", "trainer.max_steps=5", *probe, f"hydra.run.dir={one_rank}")
+    third = start(*RUN, "trainer.devices=1", "trainer.max_steps=5", *probe, f"hydra.run.dir={one_rank}")
     assert third.wait(timeout=300) == 0, third.read_output()[-3000:]
     assert "resuming a checkpoint of 2 ranks on 1" in third.read_output()
     restored = torch.load(dump, weights_only=True)
@@ -191,13 +194,20 @@ resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("async_save", [False, True])
 def test_a_full_disk_during_a_sharded_write_stops_the_run_in_one_line_and_keeps_the_last_good_checkpoint(
-    start_train, tmp_path
+    start_train, tmp_path, async_save
 ):
-    """A file size limit makes every rank's shard write fail as a full disk does."""
+    """A file size limit makes every rank's shard write fail as a full disk does (in the background writer processes
+    too: they read the same sitecustomize)."""
     run_dir = tmp_path / "run"
     last = run_dir / "checkpoints" / "last.ckpt"
-    run = [*FSDP_RUN, "callbacks.checkpoint_best=null", "callbacks.checkpoint_last.every_n_train_steps=2"]
+    run = [
+        *FSDP_RUN,
+        "callbacks.checkpoint_best=null",
+        "callbacks.checkpoint_last.every_n_train_steps=2",
+        f"trainer.strategy.async_save={async_save}",
+    ]
     first = start_train(*run, "trainer.max_steps=2", f"hydra.run.dir={run_dir}")
     assert first.wait(timeout=300) == 0, first.read_output()[-3000:]
     published = last.resolve()
@@ -205,11 +215,49 @@ def test_a_full_disk_during_a_sharded_write_stops_the_run_in_one_line_and_keeps_
     site.mkdir()
     (site / "sitecustomize.py").write_text(FILE_SIZE_LIMIT)
     full = start_train(*run, "trainer.max_steps=4", f"hydra.run.dir={run_dir}", env={"PYTHONPATH": str(site)})
-    assert full.wait(timeout=300) == 1, full.read_output()[-3000:]
+    # Both ranks fail at once: when rank 1 exits first, Lightning's launcher in rank 0 kills rank 0 (after its line;
+    # under async_save its writer process's pipe then breaks with a traceback).
+    assert full.wait(timeout=300) in (1, -signal.SIGKILL), full.read_output()[-3000:]
     output = full.read_output()
     error = f"could not write checkpoint {last} (the disk is full or over quota); the previous one is untouched"
     assert error in output  # on each rank: DCP raises every rank's failure on every rank
-    assert "GB free on its filesystem" in output and "Traceback" not in output
+    assert "GB free on its filesystem" in output and (async_save or "Traceback" not in output)
     assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt", published.name]  # no partial folder
     assert last.resolve() == published and reader.saved_step(last) == 2
     assert reader.find_resumable([str(last.parent)]) == str(last)
+
+
+@pytest.mark.slow
+def test_sigterm_to_every_process_of_a_background_writing_run_saves_its_step_and_resumes(start_train, tmp_path):
+    """scancel under async_save: SIGTERM reaches both ranks and their writer processes once step 4's checkpoint is
+    published. The ranks finish their step and write last.ckpt themselves (a write in flight whose writers the signal
+    ended is left unpublished), exit 143, and the same command resumes with the uninterrupted run's losses, every step
+    once."""
+    # 16 steps: step 4's write is published before step 8's save at the latest, so the signal lands mid-run
+    run = [*FSDP_RUN, "callbacks.checkpoint_best=null", "trainer.strategy.async_save=true", "trainer.max_steps=16"]
+    whole = tmp_path / "whole"
+    uninterrupted = start_train(*run, f"hydra.run.dir={whole}")
+    assert uninterrupted.wait(timeout=300) == 0, uninterrupted.read_output()[-3000:]
+    run_dir = tmp_path / "run"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    first = start_train(*run, f"hydra.run.dir={run_dir}")
+    deadline = time.monotonic() + 300
+    while not last.is_symlink():  # step 4's shards written in the background and published
+        assert first.poll() is None and time.monotonic() < deadline, first.read_output()[-3000:]
+        time.sleep(0.05)
+    writers = process_tree(first.pid)
+    assert len(writers) >= 4, "two ranks and a writer process each"
+    for pid in writers:
+        os.kill(pid, signal.SIGTERM)
+    assert first.wait(timeout=300) == 128 + signal.SIGTERM, first.read_output()[-3000:]
+    stopped_at = reader.saved_step(last)
+    assert 4 <= stopped_at < 16, first.read_output()[-3000:]
+    # rows to the stop; a write of that step in flight when the signal killed the writers is not published
+    assert set(range(stopped_at)) <= set(metrics(run_dir, "train/loss"))
+
+    second = start_train(*run, f"hydra.run.dir={run_dir}")
+    assert second.wait(timeout=300) == 0, second.read_output()[-3000:]
+    assert f"resuming {last}" in second.read_output()
+    assert sorted(metrics(run_dir, "train/loss")) == list(range(16)), "a step was skipped or repeated"
+    assert metrics(run_dir, "train/loss") == metrics(whole, "train/loss")
+    assert reader.saved_step(last) == 16 and not list(last.parent.glob("*.tmp.*"))
