@@ -41,7 +41,7 @@ def test_set_received_sigterm_stops_a_run_at_the_end_of_its_step_as_lightnings_h
             if trainer.global_step == 2:
                 compat.set_received_sigterm(trainer)
 
-    trainer = quiet_trainer(max_steps=5, limit_val_batches=0, callbacks=[StopAtStepTwo()])
+    trainer = quiet_trainer(max_steps=5, limit_val_batches=0, callbacks=[StopAtStepTwo()], enable_checkpointing=False)
     try:
         trainer.fit(BoringModel())
     except SIGTERMException:
@@ -58,7 +58,7 @@ def test_uncount_logging_step_takes_back_lightnings_count_of_the_step():
             compat.uncount_logging_step(trainer)
             counts.append(trainer.fit_loop.epoch_loop._batches_that_stepped)
 
-    quiet_trainer(max_steps=3, limit_val_batches=0, callbacks=[Uncount()]).fit(BoringModel())
+    quiet_trainer(max_steps=3, limit_val_batches=0, callbacks=[Uncount()], enable_checkpointing=False).fit(BoringModel())
     assert counts == [3, 2]  # the logging step of the 3 steps trained, then one less
 
 
