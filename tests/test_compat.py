@@ -58,7 +58,8 @@ def test_uncount_logging_step_takes_back_lightnings_count_of_the_step():
             compat.uncount_logging_step(trainer)
             counts.append(trainer.fit_loop.epoch_loop._batches_that_stepped)
 
-    quiet_trainer(max_steps=3, limit_val_batches=0, callbacks=[Uncount()], enable_checkpointing=False).fit(BoringModel())
+    trainer = quiet_trainer(max_steps=3, limit_val_batches=0, callbacks=[Uncount()], enable_checkpointing=False)
+    trainer.fit(BoringModel())
     assert counts == [3, 2]  # the logging step of the 3 steps trained, then one less
 
 
