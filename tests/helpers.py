@@ -28,3 +28,9 @@ def csv_metrics(run_dir: Path) -> dict[str, list[float]]:
             if value:
                 out.setdefault(key, []).append(float(value))
     return out
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and its descendants (Lightning starts the other ranks from rank 0; writer processes hang below them)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [pid, *(p for child in children for p in process_tree(int(child)))]

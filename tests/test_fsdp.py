@@ -11,7 +11,7 @@ from pathlib import Path
 import lightning.pytorch.strategies.model_parallel as model_parallel
 import pytest
 import torch
-from helpers import csv_rows
+from helpers import csv_rows, process_tree
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from lightning.pytorch.accelerators import CPUAccelerator
@@ -148,12 +148,6 @@ def save(*args, **kwargs):
         time.sleep(600)  # the shards of step 8 written, not yet published: the test kills every rank here
 dcp.save = save
 """
-
-
-def process_tree(pid: int) -> list[int]:
-    """pid and its descendants (Lightning started rank 1 from rank 0)."""
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return [pid, *(p for child in children for p in process_tree(int(child)))]
 
 
 @pytest.mark.slow
