@@ -8,8 +8,8 @@ size is the world size, resolved once the devices are known; SinkAwareLM.configu
 
 Checkpoints (docs/checkpointing.md): `<name>.ckpt` is a symlink to a folder `<name>.ckpt.shards-<id>` holding every
 rank's shards (torch.distributed.checkpoint: each rank writes its own part of the weights and optimizer state, with
-no gather) and Lightning's `meta.pt`. The folder is written as `<name>.ckpt.tmp.<pid>`, renamed when complete, then
-the symlink is replaced in one rename: a resume sees the previous checkpoint or the new one, never a partial one.
+no gather) and Lightning's `meta.pt`. The folder is written as `<name>.ckpt.tmp.<pid>-<time>`, renamed when complete,
+then the symlink is replaced in one rename: a resume sees the previous checkpoint or the new one, never a partial one.
 
 With `async_save: true` each rank copies its shards to shared host memory and a writer process of its own writes them
 (DCP's process-based async_save); training goes on, and the checkpoint is published once every rank's shards are
