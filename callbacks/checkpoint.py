@@ -111,7 +111,6 @@ class LastCheckpoint(ModelCheckpoint):
         signum = trainer.strategy.broadcast(self.received)  # rank 0 decides, so every rank saves at the same step
         if not signum or trainer.should_stop or trainer.received_sigterm:
             return
-        self.received = signum
         self.stop(trainer, signum)
         self.write_last(trainer)
         if isinstance(trainer.strategy.checkpoint_io, BackgroundCheckpointIO):

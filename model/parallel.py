@@ -70,12 +70,10 @@ class FSDPStrategy(ModelParallelStrategy):
     def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
         if not self.sharded:
             return super().save_checkpoint(checkpoint, filepath, storage_options)
-        trainer, path = self.lightning_module.trainer, Path(filepath)
+        path = Path(filepath)
         # Rank 0's view, so that every rank takes the same way (a signal reaches the ranks at different moments), and
         # rank 0's name, new for each write: an abandoned background write may still be writing its own.
-        stopping, partial = self.broadcast(
-            (trainer.received_sigterm or trainer.should_stop, f"{path}{PARTIAL}{os.getpid()}-{time.time_ns()}")
-        )
+        stopping, partial = self.broadcast((self.run_stops(), f"{path}{PARTIAL}{os.getpid()}-{time.time_ns()}"))
         partial = Path(partial)
         self.finish_write(stopping)
         checkpoint["world_size"] = self.world_size  # a resume on another number of ranks is told apart by it
@@ -90,12 +88,23 @@ class FSDPStrategy(ModelParallelStrategy):
             publish_shards(partial, path)
         self.barrier("sharded checkpoint published")
 
+    def run_stops(self) -> bool:
+        """Whether the run is stopping (SIGTERM, a requeue signal: LastCheckpoint sets these before its save)."""
+        trainer = self.lightning_module.trainer if self.lightning_module else None
+        return bool(trainer and (trainer.received_sigterm or trainer.should_stop))
+
     def start_write(self, checkpoint: dict, path: Path, partial: Path) -> None:
         """The layout ModelParallelStrategy.save_checkpoint writes (and its load_checkpoint reads), written by DCP's
         process-based async_save: this call returns once the shards are in shared host memory."""
         if self.stager is None:
             # pinned on a GPU; kept for the run, so later checkpoints reuse its host buffers
-            self.stager = DefaultStager(StagingOptions(torch.cuda.is_available(), True, False, False))
+            options = StagingOptions(
+                use_pinned_memory=torch.cuda.is_available(),
+                use_shared_memory=True,  # the writer process maps it
+                use_async_staging=False,  # staged before async_save returns: training may change the weights after
+                use_non_blocking_copy=False,
+            )
+            self.stager = DefaultStager(options)
             self.writers_group = torch.distributed.new_group(backend="gloo")  # async_save needs a CPU group
         partial.mkdir(parents=True, exist_ok=True)
         shards = {"state_dict": checkpoint.pop("state_dict")}
@@ -150,9 +159,8 @@ class FSDPStrategy(ModelParallelStrategy):
         """Also ends the checkpoint_io plugin (train.py's BackgroundCheckpointIO), which ModelParallelStrategy's
         teardown leaves running: its writer process (rank 0's one file under save_distributed_checkpoint=false) must
         finish its write and end, or the process hangs at exit waiting for it."""
-        trainer = self.lightning_module.trainer if self.lightning_module else None
         try:
-            self.finish_write(stopping=bool(trainer and (trainer.should_stop or trainer.received_sigterm)))
+            self.finish_write(self.run_stops())
         finally:
             if self.stager is not None:
                 self.stager.close()
