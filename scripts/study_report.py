@@ -1,6 +1,6 @@
 """The study's report from what eval.py (compare mode) and the runs wrote: no metric is computed here.
 
-Part 1 reads outputs/study/eval/{corpus_a,corpus_b,finetune}_*/compare.json (the newest of each) and every run's
+Part 1 reads outputs/study/eval/{corpus_a,corpus_b,finetune}_*/compare.json (each run's newest report) and every run's
 csv/metrics.csv; writes docs/study_results.md (tables), docs/study/*.csv|json (the numbers) and docs/img/study_*.png.
 Part 2 reads the same from outputs/study2/ and writes docs/study2_results.md, docs/study2/, docs/img/study2_*.png,
 with a per-head gate trajectory of each fine-tuning (its logged heads/importance/LXX/HYY, shared heads marked).
@@ -28,10 +28,20 @@ def run_name(checkpoint: str) -> str:
 
 
 def newest_compare(out: Path, kind: str) -> dict[str, dict]:
-    folders = sorted((out / "eval").glob(f"{kind}_*"))
-    if not folders:
-        return {}
-    return {run_name(r["checkpoint"]): r for r in json.loads((folders[-1] / "compare.json").read_text())}
+    """Each run's newest report among the compare.json of this kind (runs evaluated in different calls), all of
+    them over the same rows: a compare that recorded other rows than an earlier one is an error, not a table."""
+    reports: dict[str, dict] = {}
+    rows = None
+    for folder in sorted((out / "eval").glob(f"{kind}_*")):  # names end in the time: oldest first
+        for report in json.loads((folder / "compare.json").read_text()):
+            scored = report.get("scored_rows")  # absent in compares written before eval.py recorded it
+            if scored is not None:
+                rows = rows or scored["tokens_sha256"]
+                if scored["tokens_sha256"] != rows:
+                    raise SystemExit(f"{folder}/compare.json scored other rows than an earlier {kind} compare: "
+                                     "re-run `python scripts/study.py eval` so every run is scored on the same rows")
+            reports[run_name(report["checkpoint"])] = report
+    return reports
 
 
 def head_gates(run_dir: Path) -> dict[tuple[int, int], list[tuple[int, float]]]:
@@ -165,14 +175,15 @@ def cv_curves_figure(out: Path, runs: list[str]):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100, constrained_layout=True)
-    styles = {"vanilla": "C0", "sink": "C1", "gated": "C2"}
+    colormaps = {"vanilla": "Blues", "sink": "Oranges", "gated": "Greens"}  # a hue per variant, a shade per run
     for run in runs:
         points = logged(out / run).get("heads/cv_mean", [])
         steps, values = zip(*points, strict=True)
         attention = run.split("_")[0]
+        same = [r for r in runs if r.split("_")[0] == attention]
+        color = plt.get_cmap(colormaps.get(attention, "Greys"))(0.45 + 0.5 * same.index(run) / max(1, len(same) - 1))
         dashed = "lambda0.0_" not in run
-        ax.plot(steps, values, color=styles.get(attention, "C3"), linestyle="--" if dashed else "-",
-                linewidth=0.8 if "seed2" in run else 1.5, label=run)  # fmt: skip
+        ax.plot(steps, values, color=color, linestyle="--" if dashed else "-", linewidth=1.2, label=run)
     ax.set_yscale("log")
     ax.set_xlabel("step (32,768 tokens each)")
     ax.set_ylabel("mean CV of head importance (log)")
