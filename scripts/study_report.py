@@ -38,8 +38,10 @@ def newest_compare(out: Path, kind: str) -> dict[str, dict]:
             if scored is not None:
                 rows = rows or scored["tokens_sha256"]
                 if scored["tokens_sha256"] != rows:
-                    raise SystemExit(f"{folder}/compare.json scored other rows than an earlier {kind} compare: "
-                                     "re-run `python scripts/study.py eval` so every run is scored on the same rows")
+                    raise SystemExit(
+                        f"{folder}/compare.json scored other rows than an earlier {kind} compare: "
+                        "re-run `python scripts/study.py eval` so every run is scored on the same rows"
+                    )
             reports[run_name(report["checkpoint"])] = report
     return reports
 
