@@ -2,6 +2,7 @@
 exactly what its comment says, has its own run directory, and fine-tunings wait for (or bring along) their start."""
 
 import glob
+import json
 import subprocess
 import sys
 import types
@@ -187,3 +188,33 @@ def test_part_2_command_line_is_parsed():
         [sys.executable, "scripts/study.py", "train", "--part", "3"], cwd=ROOT, capture_output=True, text=True
     )
     assert result.returncode == 2 and "--part: invalid choice: 3" in result.stderr
+
+
+def write_compare(out: Path, folder: str, reports: list[tuple[str, float, str | None]]) -> None:
+    """An eval/<folder>/compare.json with one report per (run, bpb, hash of the scored rows or None)."""
+    rows = [
+        {
+            "checkpoint": str(out / run / "checkpoints" / "last.ckpt"),
+            "bpb": bpb,
+            **({"scored_rows": {"tokens_sha256": rows}} if rows else {}),
+        }
+        for run, bpb, rows in reports
+    ]
+    (out / "eval" / folder).mkdir(parents=True)
+    (out / "eval" / folder / "compare.json").write_text(json.dumps(rows))
+
+
+def test_the_report_takes_each_runs_newest_compare_over_the_same_rows(tmp_path):
+    import study_report  # scripts/study_report.py
+
+    # an early call without recorded rows, then two calls over the same rows, the last re-scoring run b
+    write_compare(tmp_path, "corpus_a_20261201-0100", [("a", 1.50, None), ("b", 1.60, None)])
+    write_compare(tmp_path, "corpus_a_20261205-0100", [("b", 1.55, "rows1"), ("c", 1.40, "rows1")])
+    write_compare(tmp_path, "corpus_a_20261205-0200", [("b", 1.52, "rows1")])
+    merged = study_report.newest_compare(tmp_path, "corpus_a")
+    assert {run: r["bpb"] for run, r in merged.items()} == {"a": 1.50, "b": 1.52, "c": 1.40}
+    assert study_report.newest_compare(tmp_path, "corpus_b") == {}
+
+    write_compare(tmp_path, "corpus_a_20261206-0100", [("d", 1.45, "rows2")])  # other rows: not one table
+    with pytest.raises(SystemExit, match="scored other rows"):
+        study_report.newest_compare(tmp_path, "corpus_a")
