@@ -78,6 +78,15 @@ def cuda_sync():
         torch.cuda.synchronize()
 
 
+FIRST_STEP = "first step (compilation included):"
+
+
+def first_step_done(seconds: float) -> None:
+    """Said in the log as soon as it is known: a configuration ended by --timeout then tells whether it was still
+    compiling."""
+    print(f"{FIRST_STEP} {seconds:.1f} s", flush=True)
+
+
 class Stopwatch(L.Callback):
     """Times optimizer steps warmup+1 .. end, with CUDA syncs at both ends, and the first optimizer step
     (compilation) from its first batch."""
@@ -94,6 +103,7 @@ class Stopwatch(L.Callback):
         if trainer.global_step == 1 and self.first_step_seconds is None:
             cuda_sync()
             self.first_step_seconds = time.perf_counter() - self.first_start
+            first_step_done(self.first_step_seconds)
         if trainer.global_step == self.warmup and self.start is None:  # once: with accumulation, not per micro-batch
             cuda_sync()
             if torch.cuda.is_available():
@@ -177,6 +187,7 @@ def run_plain(args, module, batches) -> tuple[float, float]:
     train_step(0)
     torch.cuda.synchronize()
     first_step_seconds = time.perf_counter() - first
+    first_step_done(first_step_seconds)
     for step in range(1, args.warmup):
         train_step(step)
     torch.cuda.synchronize()
@@ -275,10 +286,12 @@ class Measurement:
         if self.result.exists():
             row = json.loads(self.result.read_text())
         else:
+            log = self.log.read_text(errors="replace")
             if code is None:
-                status = f"timeout after {self.args.timeout:g} s"
+                phase = "after its first step" if FIRST_STEP in log else "before its first step ended (compiling)"
+                status = f"timeout after {self.args.timeout:g} s, {phase}"
             else:
-                lines = [line.strip() for line in self.log.read_text(errors="replace").splitlines() if line.strip()]
+                lines = [line.strip() for line in log.splitlines() if line.strip()]
                 status = f"failed ({lines[-1][:300] if lines else f'exit {code}'})"
             attention, aux_lambda, loop, fp8 = self.config
             row = {"model": self.args.model, "attention": attention, "aux": aux_lambda, "loop": loop, "fp8": fp8}

@@ -199,6 +199,21 @@ def test_the_benchmark_gives_a_row_per_recipe_even_when_one_cannot_run(tmp_path)
     assert float(rows[0]["tokens_per_s"]) > 0 and float(rows[0]["compile_s"]) > 0
     assert "set model.fp8=null" in rows[1]["status"]
     assert "| tiny | gated | 0.0001 | lightning | tensorwise | failed (ValueError: model.fp8=tensorwise" in done.stdout
+    bf16_log = tmp_path / "logs" / "tiny_gated_aux0.0001_lightning_bf16.log"
+    assert "first step (compilation included):" in bf16_log.read_text()
+
+
+@pytest.mark.slow
+def test_a_configuration_ended_by_the_timeout_says_whether_it_was_still_compiling(tmp_path):
+    """--timeout 1 ends the process before its first step (importing alone takes longer): the row says so."""
+    command = [sys.executable, str(ROOT / "bench" / "throughput.py"), "--accelerator", "cpu", "--loops", "lightning"]
+    command += ["--no-compile", "--model", "tiny", "--attention", "vanilla", "--aux", "0", "--timeout", "1"]
+    command += ["--out", str(tmp_path)]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    with open(tmp_path / "throughput.csv") as file:
+        (row,) = csv.DictReader(file)
+    assert row["status"] == "timeout after 1 s, before its first step ended (compiling)"
 
 
 FP8_GPU = torch.cuda.is_available() and torch.cuda.get_device_capability() >= fp8.MIN_CAPABILITY
