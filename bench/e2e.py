@@ -93,7 +93,7 @@ def throughput_command(cfg, args, vocab: int, json_path: Path) -> list[str]:
     command += ["--accumulate", str(trainer.get("accumulate_grad_batches", 1))]
     command += ["--strategy", choices.trainer if choices.trainer in ("ddp", "fsdp") else "auto"]
     command += ["--warmup", str(args.warmup), "--steps", str(args.throughput_steps), "--json", str(json_path)]
-    return command + ([] if cfg.compile else ["--no-compile"])
+    return command + {True: [], "blocks": ["--compile-blocks"], False: ["--no-compile"]}[cfg.compile]
 
 
 def main():

@@ -387,6 +387,9 @@ def main():
     parser.add_argument("--accelerator", default="gpu", choices=["gpu", "cpu"], help="cpu: lightning loop only")
     parser.add_argument("--precision", help="Trainer precision (default: bf16-mixed on GPU, 32-true on CPU)")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="leave the model uncompiled")
+    parser.add_argument(
+        "--compile-blocks", dest="compile", action="store_const", const="blocks", help="compile=blocks: each block"
+    )
     parser.add_argument("--vocab", type=int, default=65536)
     parser.add_argument("--backend", default="auto", help="attention.backend: auto | flex | sdpa (gated only)")
     parser.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimizer step (lightning)")

@@ -68,11 +68,16 @@ class SinkAwareLM(L.LightningModule):
     """model / optim / aux are plain dicts (not DictConfig) so checkpoints load with weights_only=True; optim and aux
     are checked here, once, into aux_config and optim_config (model/config.py), which the code reads."""
 
-    def __init__(self, model: dict, optim: dict, aux: dict, compile: bool = False):
+    def __init__(self, model: dict, optim: dict, aux: dict, compile: bool | str = False):
         super().__init__()
         self.save_hyperparameters()
         self.aux_config, self.optim_config = AuxConfig.from_dict(aux), OptimConfig.from_dict(optim)
         self.model = build_model(model)
+        if compile not in (False, True, "blocks") or (compile == "blocks" and not hasattr(self.model, "blocks")):
+            raise ValueError(
+                f"compile={compile!r}: use true (the whole model as one graph), blocks (each block of model/gpt.py "
+                "as its own graph, compiled once for all layers) or false"
+            )
         cfg = self.model.cfg
         m = self.aux_config.shared_heads
         if m and m > cfg.n_head - 2:  # m = 0 (pretraining) fits any model
@@ -104,8 +109,13 @@ class SinkAwareLM(L.LightningModule):
             for block in self.model.blocks:
                 fully_shard(block, mesh=mesh)
             fully_shard(self.model, mesh=mesh)
+        # in place: state_dict keys stay free of "_orig_mod."
+        if self.hparams.compile == "blocks":  # one graph that every layer reuses: compile time independent of depth
+            for block in self.model.blocks:
+                block.compile()
+        elif self.hparams.compile:  # one graph of the whole model: its compile time grows with the layers
+            self.model.compile()
         if self.hparams.compile:
-            self.model.compile()  # in place: state_dict keys stay free of "_orig_mod."
             self.token_nll = torch.compile(token_nll)
 
     def target_device(self) -> torch.device:
