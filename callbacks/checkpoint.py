@@ -14,7 +14,7 @@ import os
 import random
 import signal
 import subprocess
-from datetime import timedelta
+import time
 from pathlib import Path
 
 import lightning as L
@@ -42,7 +42,12 @@ class LastCheckpoint(ModelCheckpoint):
 
     Lightning's own SIGTERM handler is replaced while training runs: it broadcasts from inside the handler, on every
     rank, wherever each rank's main thread happens to be, so with several ranks its broadcast met another collective
-    (a crash of the process group, or a hang), and a rank that had the flag stopped while another went on."""
+    (a crash of the process group, or a hang), and a rank that had the flag stopped while another went on.
+
+    The time cadence is kept here too, not by Lightning's ModelCheckpoint: that one broadcasts rank 0's decision every
+    step through the training process group, as a pickled object, and on NCCL each such broadcast waits for the GPU
+    on every other rank. Rank 0's signal flag and clock go to the other ranks in one broadcast of two integers per
+    step over a gloo group of their own, which runs on the CPU."""
 
     def __init__(
         self,
@@ -51,12 +56,12 @@ class LastCheckpoint(ModelCheckpoint):
         requeue_signals: list[str] = (),
         every_n_minutes: float | None = None,
     ):
-        # Lightning takes one cadence: the step count, when given, replaces the default time interval
-        minutes = None if every_n_train_steps or every_n_minutes is None else timedelta(minutes=every_n_minutes)
+        # One cadence: the step count (Lightning's, the same on every rank), when given, replaces the time interval
+        self.every_n_seconds = None if every_n_train_steps or every_n_minutes is None else every_n_minutes * 60
         super().__init__(
             dirpath=dirpath,
             every_n_train_steps=every_n_train_steps,
-            train_time_interval=minutes,
+            every_n_epochs=0 if self.every_n_seconds else None,  # with neither cadence: Lightning's, every epoch
             save_top_k=0,
             save_last=True,
             enable_version_counter=False,  # always last.ckpt: a resumed run overwrites the one it came from
@@ -70,13 +75,26 @@ class LastCheckpoint(ModelCheckpoint):
         self.reserved = False  # host buffers of the background checkpoints pinned (after the first step)
         self.validated_at = None  # the global step of the last validation that ran to its end
         self.previous_handlers = {}
+        self.clock = None  # time.monotonic() of the last save on the time cadence (rank 0's counts)
+        self.ranks = None  # the gloo group of all ranks that carries rank 0's decisions (None in one process)
 
     def on_train_start(self, trainer, pl_module):
-        super().on_train_start(trainer, pl_module)  # starts the clock of every_n_minutes
+        super().on_train_start(trainer, pl_module)
+        self.clock = time.monotonic()
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1 and self.ranks is None:
+            self.ranks = torch.distributed.new_group(backend="gloo")  # every rank creates it, here, in the same order
         # Here, after Lightning has set its own handlers; a requeue signal's previous handler is the launcher's, if any.
         self.launcher = trainer.strategy.launcher
         signals = [signal.SIGTERM, *self.requeue_signals]
         self.previous_handlers = {s: signal.signal(s, self.on_stop_signal) for s in signals}
+
+    def rank_zero_decision(self) -> tuple[int, bool]:
+        """(the stop signal rank 0 received or 0, whether rank 0's clock says a save is due), on every rank."""
+        due = self.every_n_seconds is not None and time.monotonic() - self.clock >= self.every_n_seconds
+        decision = torch.tensor([self.received, due], dtype=torch.int64)
+        if self.ranks is not None:
+            torch.distributed.broadcast(decision, src=0, group=self.ranks)  # CPU tensors over gloo: no GPU wait
+        return int(decision[0]), bool(decision[1])
 
     def on_stop_signal(self, signum, frame):
         if signum == signal.SIGTERM and self.received != signum and self.launcher is not None:
@@ -96,7 +114,12 @@ class LastCheckpoint(ModelCheckpoint):
             if trainer.is_global_zero and isinstance(checkpoint_io, BackgroundCheckpointIO):  # rank 0 saves
                 optimizer_states = [optimizer.state_dict() for optimizer in trainer.optimizers]
                 checkpoint_io.reserve(tensors_in([pl_module.state_dict(), optimizer_states]))
-        self.stop_if_signalled(trainer)
+        signum, due = self.rank_zero_decision()
+        if signum:
+            self.stop_and_save(trainer, signum)
+        elif due:
+            self.write_last(trainer)
+            self.clock = time.monotonic()
 
     def on_validation_end(self, trainer, pl_module):
         super().on_validation_end(trainer, pl_module)
@@ -105,11 +128,13 @@ class LastCheckpoint(ModelCheckpoint):
         self.validated_at = trainer.global_step
         # A signal during a validation: saved here, where Lightning's own validation-end checkpoints are (later in the
         # step, Lightning has counted the step for the loggers, and a checkpoint then resumes a logging step ahead).
-        self.stop_if_signalled(trainer)
+        signum, _ = self.rank_zero_decision()
+        if signum:
+            self.stop_and_save(trainer, signum)
 
-    def stop_if_signalled(self, trainer) -> None:
-        signum = trainer.strategy.broadcast(self.received)  # rank 0 decides, so every rank saves at the same step
-        if not signum or trainer.should_stop or trainer.received_sigterm:
+    def stop_and_save(self, trainer, signum: int) -> None:
+        """Rank 0 received a stop signal: every rank saves this step and stops (once)."""
+        if trainer.should_stop or trainer.received_sigterm:
             return
         self.stop(trainer, signum)
         self.write_last(trainer)
@@ -131,7 +156,7 @@ class LastCheckpoint(ModelCheckpoint):
             trainer.should_stop = True
 
     def on_train_end(self, trainer, pl_module):
-        signum = trainer.strategy.broadcast(self.received)
+        signum, _ = self.rank_zero_decision()
         if signum and not (trainer.should_stop or trainer.received_sigterm):  # a signal after the last step's end
             self.stop(trainer, signum)
         self.write_last(trainer)

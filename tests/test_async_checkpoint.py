@@ -177,9 +177,26 @@ def test_the_shipped_config_checkpoints_by_time_and_takes_a_step_override(tmp_pa
         return instantiate(cfg.callbacks.checkpoint_last)
 
     default = last_checkpoint()
-    assert default._train_time_interval.total_seconds() == 600 and default._every_n_train_steps == 0
+    assert default.every_n_seconds == 600 and default._every_n_train_steps == 0
+    assert default._train_time_interval is None and default._every_n_epochs == 0  # the time cadence is ours alone
     overridden = last_checkpoint("callbacks.checkpoint_last.every_n_train_steps=500")
-    assert overridden._train_time_interval is None and overridden._every_n_train_steps == 500
+    assert overridden.every_n_seconds is None and overridden._every_n_train_steps == 500
+
+
+def test_the_time_cadence_and_the_signal_flag_need_no_broadcast_through_the_strategy(tmp_path, monkeypatch):
+    """The strategy's broadcast pickles through the training process group, whose NCCL collectives wait for the GPU:
+    neither the time cadence nor the signal flag may use it at every step (they go over a gloo group of their own)."""
+    in_the_writer(monkeypatch, tmp_path)
+    calls = []
+    original = L.pytorch.strategies.SingleDeviceStrategy.broadcast
+
+    def counted(strategy, obj, src=0):
+        calls.append(obj)
+        return original(strategy, obj, src)
+
+    monkeypatch.setattr(L.pytorch.strategies.SingleDeviceStrategy, "broadcast", counted)
+    fit(tmp_path / "run", 30, every_n_minutes=10)
+    assert len(calls) < 5, f"{len(calls)} broadcasts in 30 steps"
 
 
 def test_a_second_checkpoint_of_the_same_step_does_not_wait_for_the_first(tmp_path, monkeypatch):
