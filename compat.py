@@ -33,6 +33,12 @@ def save_last_checkpoint(callback: ModelCheckpoint, trainer) -> bool:
     return True
 
 
+def accumulating(trainer) -> bool:
+    """Whether the micro-batch that just ended is followed by more of the same optimizer step (gradient accumulation):
+    the test Lightning's own scheduler update makes after this hook."""
+    return trainer.fit_loop.epoch_loop._should_accumulate()
+
+
 def uncount_logging_step(trainer) -> None:
     """Take back the step Lightning counted for the loggers at the end of a training step (its epoch loop's
     _batches_that_stepped): a checkpoint saved after a validation and before that count is what its restart expects."""

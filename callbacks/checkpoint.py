@@ -61,7 +61,7 @@ class LastCheckpoint(ModelCheckpoint):
         super().__init__(
             dirpath=dirpath,
             every_n_train_steps=every_n_train_steps,
-            every_n_epochs=0 if self.every_n_seconds else None,  # with neither cadence: Lightning's, every epoch
+            every_n_epochs=None if self.every_n_seconds is None else 0,  # with neither cadence: Lightning's, each epoch
             save_top_k=0,
             save_last=True,
             enable_version_counter=False,  # always last.ckpt: a resumed run overwrites the one it came from
@@ -108,6 +108,8 @@ class LastCheckpoint(ModelCheckpoint):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if compat.accumulating(trainer):  # saved mid-way, a resumed run would step without these micro-batches
+            return
         if not self.reserved:  # the first step has created the optimizer state: pin the checkpoint buffers now
             self.reserved = True
             checkpoint_io = trainer.strategy.checkpoint_io

@@ -76,10 +76,11 @@ class Counting(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=1.0)
 
 
-def fit(root: Path, steps: int, module=None, requeue_signals=(), **cadence) -> Counting:
+def fit(root: Path, steps: int, module=None, requeue_signals=(), accumulate: int = 1, **cadence) -> Counting:
     module = module or Counting()
     trainer = quiet_trainer(
         max_steps=steps,
+        accumulate_grad_batches=accumulate,
         callbacks=[LastCheckpoint(str(root), requeue_signals=list(requeue_signals), **cadence)],
         plugins=[BackgroundCheckpointIO()],
     )
@@ -145,6 +146,26 @@ def test_the_requeue_waits_for_the_checkpoint_to_be_written(tmp_path, monkeypatc
     finally:
         signal.signal(signal.SIGUSR2, previous)
     assert found == [(3, 3.0)]  # the step in progress finished, was written, then the handler ran
+
+
+@pytest.mark.parametrize("cadence", [{"every_n_train_steps": 100}, {"every_n_minutes": 0}])
+def test_a_stop_or_a_timed_save_waits_for_the_end_of_gradient_accumulation(tmp_path, monkeypatch, cadence):
+    """With accumulate_grad_batches=2 the signal comes in the first micro-batch of step 2: the save waits for the
+    second one and the optimizer step (saved mid-way, the resumed run would step without the first micro-batch's
+    gradient). The time cadence (0 minutes: due after every micro-batch) saves only at optimizer steps too."""
+    log = in_the_writer(monkeypatch, tmp_path)
+    found = []
+
+    def launcher_handler(signum, frame):
+        found.append(saved(tmp_path / "run" / "last.ckpt"))
+
+    previous = signal.signal(signal.SIGUSR2, launcher_handler)
+    try:
+        fit(tmp_path / "run", 20, Counting(signal_at=2), requeue_signals=["SIGUSR2"], accumulate=2, **cadence)
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert found == [(3, 3.0)]  # step 3 complete: both micro-batches of the step the signal came in
+    assert all(weight == step for step, weight, _ in writes(log))  # every save at an optimizer step's end
 
 
 def steps_saved(tmp_path, monkeypatch, steps: int, module=None, **cadence) -> list[int]:

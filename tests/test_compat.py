@@ -49,6 +49,17 @@ def test_set_received_sigterm_stops_a_run_at_the_end_of_its_step_as_lightnings_h
     assert trainer.received_sigterm and trainer.global_step == 2
 
 
+def test_accumulating_is_true_at_every_micro_batch_but_the_last_of_an_optimizer_step():
+    seen = []
+
+    class Record(Callback):
+        def on_train_batch_end(self, trainer, *args):
+            seen.append((trainer.global_step, compat.accumulating(trainer)))
+
+    quiet_trainer(max_steps=2, accumulate_grad_batches=3, limit_val_batches=0, callbacks=[Record()]).fit(BoringModel())
+    assert seen == [(0, True), (0, True), (1, False), (1, True), (1, True), (2, False)]
+
+
 def test_uncount_logging_step_takes_back_lightnings_count_of_the_step():
     counts = []
 
