@@ -129,6 +129,26 @@ def test_sigterm_to_both_ranks_of_a_ddp_run_stops_them_at_one_step_and_resumes(s
     assert losses(run_dir) == losses(whole)
 
 
+@pytest.mark.slow
+def test_sigterm_in_the_first_micro_batch_of_a_step_is_saved_after_its_last_and_resumes_exactly(start_train, tmp_path):
+    """Gradient accumulation (2 micro-batches per step, as the paper experiments accumulate): SIGTERM while the first
+    micro-batch of step 6 trains. The checkpoint waits for the second and the optimizer step; the resumed run logs
+    every step once with the uninterrupted run's losses (a save after the first micro-batch lost its gradient)."""
+    run = [*RUN, "+trainer.accumulate_grad_batches=2", "trainer.val_check_interval=8"]  # validations: whole steps
+    whole = tmp_path / "whole"
+    assert start_train(*run, f"hydra.run.dir={whole}").wait(timeout=600) == 0
+    signal_at = "+callbacks.signal={_target_:tests.signal_probe.SignalAt,step:6,where:train}"
+    run_dir = tmp_path / "run"
+    first = start_train(*run, signal_at, f"hydra.run.dir={run_dir}")
+    assert first.wait(timeout=300) == 128 + signal.SIGTERM, first.read_output()[-3000:]
+    assert saved_step(run_dir / "checkpoints" / "last.ckpt") == 6
+    second = start_train(*run, signal_at, f"hydra.run.dir={run_dir}")
+    assert second.wait(timeout=600) == 0, second.read_output()[-3000:]
+    logged = [int(row["step"]) for row in csv_rows(run_dir / "csv") if row["train/loss"]]
+    assert sorted(logged) == list(range(STEPS)), "a step was skipped or repeated"
+    assert losses(run_dir) == losses(whole)
+
+
 def validations(run_dir: Path) -> dict[int, str]:
     """Lightning's row step of each validation (the last training batch before it) -> val/bpb, as written."""
     return {int(row["step"]): row["val/bpb"] for row in csv_rows(run_dir / "csv") if row.get("val/bpb")}
