@@ -90,7 +90,8 @@ class LastCheckpoint(ModelCheckpoint):
 
     def rank_zero_decision(self) -> tuple[int, bool]:
         """(the stop signal rank 0 received or 0, whether rank 0's clock says a save is due), on every rank."""
-        due = self.every_n_seconds is not None and time.monotonic() - self.clock >= self.every_n_seconds
+        timed = self.every_n_seconds is not None and self.clock is not None  # the clock starts with training
+        due = timed and time.monotonic() - self.clock >= self.every_n_seconds
         decision = torch.tensor([self.received, due], dtype=torch.int64)
         if self.ranks is not None:
             torch.distributed.broadcast(decision, src=0, group=self.ranks)  # CPU tensors over gloo: no GPU wait
