@@ -4,7 +4,7 @@
     python bench/throughput.py --model 2b --attention gated --aux 1e-4 --loops plain --activation-checkpointing
     python bench/throughput.py --loops lightning --strategy fsdp --devices 2 --attention gated --aux 1e-4
     python bench/throughput.py --model 2b --attention gated --aux 1e-4 --loops plain --fp8 tensorwise,rowwise \
-        --timeout 150 --out outputs/bench-fp8       # bf16 vs float8; each configuration in its own process
+        --timeout 400 --out outputs/bench-fp8       # bf16 vs float8; each configuration in its own process
 
 Both loops run the same LightningModule math (SinkAwareLM.step: LM loss + aux loss) on the same fixed
 batches (random tokens: this measures the model, not the data loader), in bf16 autocast with a compiled
