@@ -56,7 +56,8 @@ def test_accumulating_is_true_at_every_micro_batch_but_the_last_of_an_optimizer_
         def on_train_batch_end(self, trainer, *args):
             seen.append((trainer.global_step, compat.accumulating(trainer)))
 
-    quiet_trainer(max_steps=2, accumulate_grad_batches=3, limit_val_batches=0, callbacks=[Record()]).fit(BoringModel())
+    options = dict(max_steps=2, accumulate_grad_batches=3, limit_val_batches=0, enable_checkpointing=False)
+    quiet_trainer(**options, callbacks=[Record()]).fit(BoringModel())  # no checkpoint in the working directory
     assert seen == [(0, True), (0, True), (1, False), (1, True), (1, True), (2, False)]
 
 
