@@ -13,12 +13,14 @@ SHOWN = {"train/loss": "loss", "train/bpb": "bpb", "val/bpb": "val_bpb", "perf/t
 
 class ProgressBar(TQDMProgressBar):
     def __init__(self, refresh_rate: int = 1, shown: dict[str, str] | None = None, plain: bool | None = None):
-        """shown: logged metric name -> label, in display order; only metrics logged with prog_bar=True are available.
+        """shown: logged metric name -> label, in display order (any metric logged with self.log).
         plain: one line per logging interval instead of the bar; None: when stdout is not a terminal.
 
         The bar moves every refresh_rate steps, but while training its numbers are read from the device only
         at logging steps (trainer.log_every_n_steps): each read waits for the GPU to finish its queued work,
-        which at every step would leave it idle while the next step is launched."""
+        which at every step would leave it idle while the next step is launched. So the numbers come from
+        trainer.callback_metrics, which hold the logged tensors as they are, and nothing is logged with
+        prog_bar=True: Lightning reads those back at every step."""
         super().__init__(refresh_rate=refresh_rate)
         self.shown = dict(SHOWN if shown is None else shown)
         self.plain = not sys.stdout.isatty() if plain is None else plain
@@ -41,9 +43,17 @@ class ProgressBar(TQDMProgressBar):
     def get_metrics(self, trainer, pl_module):
         if trainer.training and self.values is not None and trainer.global_step % trainer.log_every_n_steps:
             return self.values
-        metrics = super().get_metrics(trainer, pl_module)
-        self.values = {label: short_number(metrics[name]) for name, label in self.shown.items() if name in metrics}
+        self.values = self.shown_values(trainer)
         return self.values
+
+    def shown_values(self, trainer, prefix: str = "") -> dict[str, str]:
+        """label -> the formatted value of each shown metric whose name starts with prefix, read now."""
+        metrics = trainer.callback_metrics
+        return {
+            label: short_number(float(metrics[name]))
+            for name, label in self.shown.items()
+            if name.startswith(prefix) and name in metrics
+        }
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
@@ -60,12 +70,7 @@ class ProgressBar(TQDMProgressBar):
     def on_validation_end(self, trainer, pl_module):
         super().on_validation_end(trainer, pl_module)
         if self.plain and self.printing and not trainer.sanity_checking and trainer.state.fn == "fit":
-            metrics = trainer.progress_bar_metrics
-            shown = [
-                f"{label} {short_number(metrics[name])}"
-                for name, label in self.shown.items()
-                if name.startswith("val/") and name in metrics
-            ]
+            shown = [f"{label} {value}" for label, value in self.shown_values(trainer, "val/").items()]
             print(" | ".join([self.step_text(trainer), "validation", *shown]), flush=True)
 
     @staticmethod

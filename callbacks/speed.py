@@ -1,4 +1,4 @@
-"""Tokens per second and MFU, shown on the progress bar and logged as perf/tokens_per_s and perf/mfu.
+"""Tokens per second and MFU, logged as perf/tokens_per_s (shown on the progress bar) and perf/mfu.
 
 Timing is wall clock between optimizer-step ends over each logging interval, so the step itself has no
 host sync; the first warmup_steps (compilation, allocator warm-up) and the time spent in validation are
@@ -66,7 +66,7 @@ class SpeedMonitor(L.Callback):
             if seq_len not in self.flops_per_token:
                 self.flops_per_token[seq_len] = pl_module.model.flops_per_token(seq_len)
             metrics["perf/mfu"] = tokens_per_s * self.flops_per_token[seq_len] / (self.peak_flops * trainer.world_size)
-        pl_module.log_dict(metrics, prog_bar=True, on_step=True, on_epoch=False, rank_zero_only=True)
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False, rank_zero_only=True)  # not prog_bar: see model/lit.py
 
     def close_window(self, now: float, world_size: int) -> float:
         """Adds the window to the run's totals, starts the next one; returns the window's tokens/s (all ranks)."""

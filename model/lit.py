@@ -154,8 +154,10 @@ class SinkAwareLM(L.LightningModule):
         lm_loss = nll.mean()
         self.last_importance = imp.detach()
         self.train_bpb(nll.detach(), batch["target_bytes"])
-        self.log_dict({"train/loss": lm_loss, "train/aux_loss": aux}, prog_bar=True)
-        self.log("train/bpb", self.train_bpb, prog_bar=True, on_step=True, on_epoch=False)
+        # Not prog_bar=True: Lightning reads every progress-bar value back from the device at every step, a host sync
+        # that leaves the GPU idle while the next step is launched. callbacks/progress.py reads them at logging steps.
+        self.log_dict({"train/loss": lm_loss, "train/aux_loss": aux})
+        self.log("train/bpb", self.train_bpb, on_step=True, on_epoch=False)
         return lm_loss + aux if self.aux_config.weight > 0 else lm_loss
 
     def validation_step(self, batch, batch_idx):
@@ -165,8 +167,8 @@ class SinkAwareLM(L.LightningModule):
         nll = self.token_nll(logits, batch["targets"])
         self.val_loss.update(nll)
         self.val_bpb.update(nll, batch["target_bytes"])
-        self.log("val/loss", self.val_loss, prog_bar=True)
-        self.log("val/bpb", self.val_bpb, prog_bar=True)
+        self.log("val/loss", self.val_loss)
+        self.log("val/bpb", self.val_bpb)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         """Clip by global norm ourselves: Lightning's AMP plugin refuses to clip for fused AdamW (a rule

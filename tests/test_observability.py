@@ -6,9 +6,11 @@ import json
 import math
 import re
 import struct
+import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -192,6 +194,41 @@ def test_csv_carries_every_metric_and_mfu_uses_the_given_peak(tmp_path):
     assert list(bar.get_metrics(trainer, module)) == ["loss", "bpb", "val_bpb", "tok/s"]  # short, in order
     assert (tmp_path / "heads" / "importance_step_000004.png").is_file()  # at the end
     assert (tmp_path / "heads" / "cv_curve.png").is_file()
+
+
+def test_training_reads_values_back_at_logging_steps_only(tmp_path, monkeypatch):
+    """On a GPU every read of a tensor's value waits for the steps queued before it, and the GPU then idles while the
+    next step is launched. With the run's callbacks, steps between logging steps read nothing back. (Lightning reads
+    every metric logged with prog_bar=True at every step: nothing is logged so.)"""
+    now = {"step": 0}
+
+    class StepOfBatch(L.Callback):
+        def on_train_batch_start(self, trainer, *args):
+            now["step"] = trainer.global_step + 1  # the optimizer step this batch ends with
+
+    reads = []
+
+    def reading(read):
+        def counted(tensor, *args):
+            # AdamW on the CPU reads its step count, a host tensor (fused AdamW on a GPU keeps it on the device)
+            if not sys._getframe(1).f_globals["__name__"].startswith("torch.optim"):
+                reads.append(now["step"])
+            return read(tensor, *args)
+
+        return counted
+
+    for name in ("item", "tolist", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, reading(getattr(torch.Tensor, name)))
+    callbacks = [
+        StepOfBatch(),
+        HeadBalanceMonitor(),
+        SpeedMonitor(warmup_steps=1),
+        LearningRateMonitor(),
+        ProgressBar(),
+    ]
+    logger = CSVLogger(tmp_path, name="csv", version="")
+    fit(tiny_module("gated"), tmp_path, logger, callbacks, log_every=3, steps=9)
+    assert set(reads) == {0, 3, 6, 9}, sorted(set(reads))  # 0: before the first step (setting up)
 
 
 def test_tensorboard_gets_scalars_and_images(tmp_path):
