@@ -8,6 +8,7 @@ PYTHONPATH (`in_the_writer`); a monkeypatch of the test process would not reach 
 import json
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from hydra.utils import instantiate
 
 from callbacks.checkpoint import LastCheckpoint
 from checkpoints.reader import find_resumable
-from checkpoints.writer import BackgroundCheckpointIO, CheckpointWriteError
+from checkpoints.writer import BackgroundCheckpointIO, CheckpointWriteError, host_copy
 
 ROOT = Path(__file__).parents[1]
 SAVE_IN_THE_WRITER = """
@@ -133,6 +134,126 @@ def test_an_old_checkpoint_is_removed_after_its_replacement_is_written_and_kept_
     io.teardown()  # raised once: Lightning's teardown after the error does not raise it again
 
 
+class HeldCopy:
+    """A stand-in for the CUDA event of a copy to host memory: the handoff thread waits in synchronize() until the test
+    releases it."""
+
+    def __init__(self):
+        self.waited, self.released = threading.Event(), threading.Event()
+
+    def synchronize(self):
+        self.waited.set()
+        if not self.released.wait(timeout=30):  # a bound, so that a wait in the training thread fails, not hangs
+            raise TimeoutError("the copy was never released")
+
+
+class FailedCopy:
+    def synchronize(self):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+
+def copies_from_a_gpu(monkeypatch, *events) -> None:
+    """The next saves return these as the events of their copies from a GPU, one each, then none (CPU tensors)."""
+    events = list(events)
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(
+        "checkpoints.writer.host_copy", lambda *args: (host_copy(*args)[0], {gpu: events.pop(0)} if events else {})
+    )
+
+
+def test_a_removal_stays_behind_a_write_whose_copy_is_not_complete(tmp_path, monkeypatch):
+    """From a GPU a write goes to the writer only once its copy to host memory is complete (the handoff thread waits
+    for it), while training goes on: the removal of the checkpoint it replaces must not overtake it."""
+    run = tmp_path / "run"
+    old, new, probe = run / "best-step=2.ckpt", run / "best-step=4.ckpt", run / "probe.ckpt"
+    io, copy = BackgroundCheckpointIO(), HeldCopy()
+    try:
+        io.save_checkpoint({"global_step": 2}, old)
+        copies_from_a_gpu(monkeypatch, copy)
+        io.save_checkpoint({"global_step": 4}, new)  # returns with its copy held
+        io.remove_checkpoint(old)
+        assert copy.waited.wait(timeout=30)  # the handoff thread holds the write
+        io.jobs.put(("write", str(probe), {"global_step": 0}))  # straight to the writer, which goes in order:
+        assert io.result()[1] is None  # written once all it got before is done
+        assert old.exists() and not new.exists()
+    finally:
+        copy.released.set()
+        io.teardown()
+    assert sorted(run.iterdir()) == [new, probe]
+
+
+def test_a_failed_copy_is_reported_and_the_previous_checkpoint_stays(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    old = run / "best-step=2.ckpt"
+    io = BackgroundCheckpointIO()
+    io.save_checkpoint({"global_step": 2}, old)
+    copies_from_a_gpu(monkeypatch, FailedCopy())
+    io.save_checkpoint({"global_step": 4}, run / "best-step=4.ckpt")
+    io.save_checkpoint({"global_step": 4}, run / "last.ckpt")  # the same step: no copy of its own, the same buffers
+    io.remove_checkpoint(old)
+    with pytest.raises(CheckpointWriteError, match=r"best-step=4.ckpt: a copy to host memory failed \(RuntimeError"):
+        io.teardown()
+    assert sorted(run.iterdir()) == [old]  # neither written from the buffers, the old one kept
+
+
+def test_the_next_optimizer_step_waits_for_the_copy_on_the_gpu_after_its_forward_and_backward(tmp_path, monkeypatch):
+    """What it queues on the GPU's current stream (a stand-in): the wait for the copy, after the closure (Lightning runs
+    the forward and the backward in it, inside step()) and before the update, in the next optimizer step only."""
+    weight = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([weight], lr=1.0)
+    queued = []
+
+    class Stream:
+        def wait_event(self, event):
+            queued.append(("wait", weight.item()))
+
+    def closure():
+        queued.append(("closure", weight.item()))
+        optimizer.zero_grad()
+        loss = -weight.sum()
+        loss.backward()
+        return loss
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    copy = HeldCopy()
+    copy.released.set()
+    copies_from_a_gpu(monkeypatch, copy, copy)
+    io = BackgroundCheckpointIO()
+    try:
+        io.save_checkpoint({"global_step": 1}, tmp_path / "a.ckpt")
+        optimizer.step(closure=closure)
+        optimizer.step(closure=closure)
+        io.save_checkpoint({"global_step": 2}, tmp_path / "b.ckpt")
+        closure()
+        optimizer.step()  # no closure (as GradScaler's step): it waits first
+    finally:
+        io.teardown()
+    io.copying = {torch.device("cuda", 0): copy}
+    optimizer.step(closure=closure)  # the hook has gone with the teardown
+    assert queued == [
+        ("closure", 0.0),
+        ("wait", 0.0),
+        ("closure", 1.0),
+        ("closure", 2.0),
+        ("wait", 2.0),
+        ("closure", 3.0),
+    ]
+
+
+def test_teardown_ends_the_handoff_thread_and_the_writer_after_the_removals_queued(tmp_path):
+    run = tmp_path / "run"
+    old, new = run / "best-step=2.ckpt", run / "best-step=4.ckpt"
+    io = BackgroundCheckpointIO()
+    io.save_checkpoint({"global_step": 2}, old)
+    io.save_checkpoint({"global_step": 4}, new)
+    io.remove_checkpoint(old)
+    handoff, writer = io.handoff.thread, io.writer
+    io.teardown()
+    assert not handoff.is_alive()
+    assert writer.exitcode == 0  # joined, ended by the end message
+    assert sorted(run.iterdir()) == [new]
+
+
 def test_the_requeue_waits_for_the_checkpoint_to_be_written(tmp_path, monkeypatch):
     in_the_writer(monkeypatch, tmp_path, seconds=0.5)
     found = []
@@ -240,19 +361,48 @@ def test_a_second_checkpoint_of_the_same_step_does_not_wait_for_the_first(tmp_pa
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (pinned host copies)")
 def test_cuda_tensors_go_to_pinned_buffers_reserved_once_and_kept(tmp_path):
-    weight = torch.zeros(1, device="cuda")
+    weight = torch.nn.Parameter(torch.zeros(1, device="cuda"))
+    optimizer = torch.optim.SGD([weight], lr=1.0)
     io = BackgroundCheckpointIO()
     io.reserve([weight, torch.ones(2)])  # a CPU tensor needs no buffer
     (buffer,) = io.buffers.values()
     assert buffer.is_pinned()
     io.save_checkpoint({"global_step": 1, "state_dict": {"weight": weight}}, tmp_path / "last.ckpt")
     io.save_checkpoint({"global_step": 1, "state_dict": {"weight": weight}}, tmp_path / "best.ckpt")  # same step
-    weight += 10
+    weight.grad = torch.full_like(weight, -10.0)
+    optimizer.step()  # the only in-place change a copy in flight allows: it waits for the copy (on the GPU)
     io.save_checkpoint({"global_step": 2, "state_dict": {"weight": weight}}, tmp_path / "next.ckpt")
-    io.teardown()
     assert list(io.buffers.values()) == [buffer]  # the same pinned memory at every save
+    io.teardown()
+    assert not io.buffers  # unpinned and freed with the end of the run
     assert saved(tmp_path / "best.ckpt") == saved(tmp_path / "last.ckpt") == (1, 0.0)
     assert saved(tmp_path / "next.ckpt") == (2, 10.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (copies on a side stream)")
+def test_each_checkpoint_holds_its_step_while_the_next_steps_run_during_its_copy(tmp_path):
+    """256 MiB take milliseconds to copy to the host, an update of them a fraction of that: the next optimizer step
+    must wait for the copy, and a temporary (`doubled`) must keep its memory until the copy has read it."""
+    weight = torch.nn.Parameter(torch.zeros(64, 1024, 1024, device="cuda"))
+    optimizer = torch.optim.SGD([weight], lr=1.0)
+
+    def closure():  # the forward and the backward of a step: the gradient is -1
+        optimizer.zero_grad()
+        (-weight.sum()).backward()
+
+    io = BackgroundCheckpointIO()
+    try:
+        for step in range(1, 5):
+            optimizer.step(closure=closure)  # as Lightning calls it
+            doubled = weight[0, 0, :4] * 2
+            io.save_checkpoint({"global_step": step, "weight": weight, "doubled": doubled}, tmp_path / f"{step}.ckpt")
+            del doubled
+    finally:
+        io.teardown()
+    for step in range(1, 5):
+        checkpoint = torch.load(tmp_path / f"{step}.ckpt", weights_only=True)
+        assert checkpoint["weight"].unique().tolist() == [step] and checkpoint["doubled"].tolist() == [2 * step] * 4
 
 
 def test_the_writer_survives_the_signals_that_slurm_sends_to_every_process_of_a_job(tmp_path, monkeypatch):
