@@ -358,6 +358,20 @@ def test_a_second_checkpoint_of_the_same_step_does_not_wait_for_the_first(tmp_pa
     assert saved(run / "best.ckpt") == (7, 7.0) and saved(run / "last.ckpt") == (8, 7.0)
 
 
+def test_writes_in_flight_when_the_writer_dies_are_each_reported_as_failed(tmp_path):
+    """last.ckpt and the same step's best-k copy both in flight (neither waits) when the writer is killed."""
+    io = BackgroundCheckpointIO()
+    io.start_writer()
+    os.kill(io.writer.pid, signal.SIGKILL)
+    io.writer.join()
+    state = {"global_step": 7, "state_dict": {"weight": torch.full((1,), 7.0)}}
+    io.save_checkpoint(state, tmp_path / "last.ckpt")
+    io.save_checkpoint(state, tmp_path / "best.ckpt")
+    with pytest.raises(CheckpointWriteError, match=r"the writer process died \(exit code -9\)"):
+        io.wait()
+    assert io.in_flight == [] and list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (pinned host copies)")
 def test_cuda_tensors_go_to_pinned_buffers_reserved_once_and_kept(tmp_path):
