@@ -19,6 +19,7 @@ __all__ = [
     "save_last_checkpoint",
     "set_data_parallel_size",
     "set_received_sigterm",
+    "skip_sigterm_broadcast",
     "uncount_logging_step",
 ]
 
@@ -49,6 +50,16 @@ def set_received_sigterm(trainer) -> None:
     """Lightning's SIGTERM flag (trainer.received_sigterm), set as its SIGTERM handler sets it: the loops then stop
     the validation in progress at its next batch, or the training at the end of the step, raising SIGTERMException."""
     trainer._signal_connector.received_sigterm = True
+
+
+def skip_sigterm_broadcast(trainer) -> None:
+    """Lightning 2.6's training loop (`_broadcast_sigterm_tensor`, not in 2.5) broadcasts rank 0's SIGTERM flag as a
+    tensor on the device at the start of every step of a multi-rank run and reads it back with .item(): on GPUs,
+    every rank waits for its queued work once per step. The loop still raises SIGTERMException at the end of a step
+    whose flag is set, which is where LastCheckpoint sets it, on every rank at once."""
+    loop = trainer.fit_loop.epoch_loop
+    if hasattr(loop, "_broadcast_sigterm_tensor"):
+        loop._broadcast_sigterm_tensor = lambda: None
 
 
 def set_data_parallel_size(strategy: ModelParallelStrategy, size: int) -> None:

@@ -42,7 +42,8 @@ class LastCheckpoint(ModelCheckpoint):
 
     Lightning's own SIGTERM handler is replaced while training runs: it broadcasts from inside the handler, on every
     rank, wherever each rank's main thread happens to be, so with several ranks its broadcast met another collective
-    (a crash of the process group, or a hang), and a rank that had the flag stopped while another went on.
+    (a crash of the process group, or a hang), and a rank that had the flag stopped while another went on. Its
+    training loop's broadcast of the flag at every step (a wait for the GPU on every rank) is skipped too.
 
     The time cadence is kept here too, not by Lightning's ModelCheckpoint: that one broadcasts rank 0's decision every
     step through the training process group, as a pickled object, and on NCCL each such broadcast waits for the GPU
@@ -83,6 +84,7 @@ class LastCheckpoint(ModelCheckpoint):
         self.clock = time.monotonic()
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1 and self.ranks is None:
             self.ranks = torch.distributed.new_group(backend="gloo")  # every rank creates it, here, in the same order
+            compat.skip_sigterm_broadcast(trainer)  # its flag goes over self.ranks, with the time cadence's decision
         # Here, after Lightning has set its own handlers; a requeue signal's previous handler is the launcher's, if any.
         self.launcher = trainer.strategy.launcher
         signals = [signal.SIGTERM, *self.requeue_signals]

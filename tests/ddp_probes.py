@@ -5,6 +5,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+import torch
 
 
 class FailOnRank(L.Callback):
@@ -40,3 +41,26 @@ class CountValidationBatches(L.Callback):
         with open(self.out_dir / f"val_batches_rank{trainer.global_rank}.txt", "a") as f:
             f.write(f"{self.batches}\n")
         self.batches = 0
+
+
+class CountBroadcasts(L.Callback):
+    """Counts the broadcasts over the training process group (the default one) from the first training step to the end
+    of training, and writes the count to `out_dir`/broadcasts_rank<r>.txt."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir, self.count, self.original = Path(out_dir), 0, None
+
+    def on_train_start(self, trainer, pl_module):
+        self.original = torch.distributed.broadcast
+
+        def counted(*args, **kwargs):
+            group = kwargs.get("group", args[2] if len(args) > 2 else None)
+            if group is None or group == torch.distributed.group.WORLD:
+                self.count += 1
+            return self.original(*args, **kwargs)
+
+        torch.distributed.broadcast = counted
+
+    def on_train_end(self, trainer, pl_module):
+        torch.distributed.broadcast = self.original
+        (self.out_dir / f"broadcasts_rank{trainer.global_rank}.txt").write_text(str(self.count))

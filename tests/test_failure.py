@@ -43,3 +43,19 @@ def test_a_failing_rank_ends_every_rank_within_60_s(start_train, tmp_path, faili
     assert (tmp_path / blocked).exists(), output[-3000:]  # the other rank did reach the step, and block there
     assert code != 0
     assert f"injected failure on rank {failing_rank} at step 5" in output
+
+
+@pytest.mark.slow
+def test_no_rank_waits_on_a_broadcast_at_every_step(start_train, tmp_path):
+    """On GPUs a broadcast over the training process group (NCCL) read back on the host makes every rank wait for its
+    queued work; Lightning's loop made one per step for its SIGTERM flag. LastCheckpoint carries the flag itself."""
+    job = start_train(
+        *DDP,
+        f"hydra.run.dir={tmp_path}",
+        "trainer.max_steps=12",
+        "+callbacks.count._target_=tests.ddp_probes.CountBroadcasts",
+        f"+callbacks.count.out_dir={tmp_path}",
+    )
+    assert job.wait(timeout=300) == 0, job.read_output()[-3000:]
+    counts = [int((tmp_path / f"broadcasts_rank{rank}.txt").read_text()) for rank in (0, 1)]
+    assert max(counts) < 3, f"{counts} broadcasts in 12 steps"
