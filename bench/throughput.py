@@ -68,9 +68,19 @@ def make_module(args, attention: str, aux_lambda: float, fp8: str = "bf16") -> S
 
 
 def fixed_batches(args, seq_len: int, n: int = 4) -> list[dict]:
+    """Contiguous, as the loader's collated batches are: torch.compile specialises its graph on the inputs' strides,
+    and views of the rows made another graph than train.py's (in bench/e2e.py the benchmark's first step then took as
+    long as train.py's, 48 s on an H100 for 0.6b, though train.py had just compiled the same model)."""
     g = torch.Generator().manual_seed(0)
     rows = [torch.randint(0, args.vocab, (args.batch_size, seq_len + 1), generator=g) for _ in range(n)]
-    return [{"input_ids": r[:, :-1], "targets": r[:, 1:], "target_bytes": torch.ones_like(r[:, 1:])} for r in rows]
+    return [
+        {
+            "input_ids": r[:, :-1].contiguous(),
+            "targets": r[:, 1:].contiguous(),
+            "target_bytes": torch.ones_like(r[:, 1:]),
+        }
+        for r in rows
+    ]
 
 
 def cuda_sync():

@@ -38,3 +38,8 @@ def test_ddp_options_come_from_conf_trainer_ddp():
     options = throughput.ddp_options(bench_args())
     assert options["bucket_cap_mb"] == 200 and options["static_graph"] is True
     assert throughput.ddp_options(bench_args(bucket_cap_mb=50))["bucket_cap_mb"] == 50
+
+
+def test_the_fixed_batches_are_contiguous_as_the_loaders_are():
+    (batch,) = throughput.fixed_batches(bench_args(batch_size=2), seq_len=8, n=1)
+    assert all(t.is_contiguous() and t.shape == (2, 8) for t in batch.values())
