@@ -14,6 +14,7 @@ from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher as 
 
 __all__ = [
     "SubprocessScriptLauncher",
+    "accumulating",
     "load_dcp_keys",
     "loader_state_workers",
     "save_last_checkpoint",
