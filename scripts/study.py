@@ -33,13 +33,16 @@ RUNS = [
 ]  # fmt: skip
 FINETUNES = ["finetune_plain", "finetune_shared"]  # from the `vanilla` run
 # Part 2 by priority (conf/experiment/study2/base.yaml): claim 4 from collapsed heads, weight decay and QK-norm,
-# seeds, the sink twins. Not by default: the lambda=1e-4 twins (only once their base run forms sinks) and the corpus
-# a+b run (needs corpus_b too); --only names them.
+# seeds, more distinct data, the sink twins, float8. Not by default: the lambda=1e-4 twins (only once their base run
+# forms sinks); --only names them.
 RUNS_2 = [
     "finetune_gated_m0", "finetune_gated_m2", "finetune_gated_m4", "vanilla_wd0.5", "vanilla_noqknorm_wd0.5",
-    "gated_seed2", "gated_aux1e-2_seed2", "gated_seed3", "gated_aux1e-2_seed3", "sink_wd0.5", "sink_noqknorm_wd0.5",
-    "gated_fp8_tensorwise",
+    "gated_seed2", "gated_aux1e-2_seed2", "gated_seed3", "gated_aux1e-2_seed3", "vanilla_corpus_ab_4000steps",
+    "sink_wd0.5", "sink_noqknorm_wd0.5", "gated_fp8_tensorwise",
 ]  # fmt: skip
+TRAINED_ON_CORPUS_B = {"study2/vanilla_corpus_ab_4000steps"}  # corpus_b is no unseen text for these: not scored on it
+# The corpus_b rows scored: its first shard's (what the study's device calls carried), the same rows every time.
+CORPUS_B_SCORED = "corpus_b/part-00000-of-00008.parquet"
 # fine-tuning run -> the run whose last.ckpt it starts from (its init_from), both as experiment names
 STARTS_FROM = {
     **{f"study/{name}": "study/vanilla" for name in FINETUNES},
@@ -173,8 +176,8 @@ def evaluate(part: int, overrides: list[str]) -> None:
         "corpus_a": (pretrained, [f"data.corpus.path={data_dir}/corpus_a", "ablation.samples=200"]),
         # corpus_b shares no document with corpus_a: all of it is unseen; 999 per mille puts (nearly) all in the split
         "corpus_b": (
-            pretrained,
-            [f"data.corpus.path={data_dir}/corpus_b", "data.corpus.val_permille=999", "ablation.samples=0"],
+            checkpoints([run for run in runs if run not in TRAINED_ON_CORPUS_B]),
+            [f"data.corpus.path={data_dir}/{CORPUS_B_SCORED}", "data.corpus.val_permille=999", "ablation.samples=0"],
         ),
         "finetune": (checkpoints(tuned), [f"data.corpus.path={data_dir}/corpus_a", "ablation.samples=0"]),
     }

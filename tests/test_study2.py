@@ -183,6 +183,34 @@ def test_fine_tunings_of_a_failed_run_are_dropped_not_awaited(monkeypatch, tmp_p
     assert "study2/finetune_gated_m0 not started: study/gated, which it starts from, failed" in capsys.readouterr().out
 
 
+def test_evaluation_scores_corpus_b_only_where_it_is_unseen_and_on_fixed_rows(monkeypatch, tmp_path):
+    commands = []
+
+    def run(command, **_):
+        commands.append(command)
+        return types.SimpleNamespace(returncode=0)
+
+    monkeypatch.setattr(study, "run_dir", lambda experiment: tmp_path / "outputs" / experiment)
+    monkeypatch.setattr(study.subprocess, "run", run)
+    monkeypatch.setenv("SINKAWARE_DATA", str(tmp_path / "data"))
+    runs = ("study2/vanilla_wd0.5", "study2/vanilla_corpus_ab_4000steps")
+    for experiment in runs:
+        (tmp_path / "outputs" / experiment / "checkpoints").mkdir(parents=True)
+        (tmp_path / "outputs" / experiment / "checkpoints" / "done").touch()
+    study.evaluate(2, [])  # no fine-tuning has finished: corpus_a and corpus_b only
+
+    def argument(command, key):
+        return next(a.removeprefix(key) for a in command if a.startswith(key))
+
+    scored = {argument(c, "data.corpus.path="): argument(c, "ckpts=") for c in commands}
+    ckpt = {e: f"{tmp_path}/outputs/{e}/checkpoints/last.ckpt" for e in runs}
+    assert scored == {
+        f"{tmp_path}/data/corpus_a": f"[{ckpt[runs[0]]},{ckpt[runs[1]]}]",
+        # one shard's rows, the same every time; not the a+b run, which trained on corpus_b
+        f"{tmp_path}/data/corpus_b/part-00000-of-00008.parquet": f"[{ckpt[runs[0]]}]",
+    }
+
+
 def test_part_2_command_line_is_parsed():
     result = subprocess.run(
         [sys.executable, "scripts/study.py", "train", "--part", "3"], cwd=ROOT, capture_output=True, text=True
