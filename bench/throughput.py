@@ -151,8 +151,8 @@ def fsdp_strategy():
     return instantiate(composed(["trainer=fsdp"]).trainer.strategy)
 
 
-def run_lightning(args, module, batches) -> tuple[float, float]:
-    """(seconds of the timed steps, seconds of the first optimizer step)"""
+def run_lightning(args, module, batches) -> tuple[float, float, None]:
+    """(seconds of the timed steps, seconds of the first optimizer step, None: no kernel table)"""
     stopwatch = Stopwatch(args.warmup)
     strategy = ddp_strategy(args) if use_ddp(args) else fsdp_strategy() if args.strategy == "fsdp" else "auto"
     trainer = L.Trainer(
@@ -172,12 +172,12 @@ def run_lightning(args, module, batches) -> tuple[float, float]:
     n_batches = (args.warmup + args.steps) * args.accumulate
     loader = torch.utils.data.DataLoader(batches * n_batches, batch_size=None, pin_memory=args.accelerator == "gpu")
     trainer.fit(module, train_dataloaders=loader)
-    return stopwatch.seconds, stopwatch.first_step_seconds
+    return stopwatch.seconds, stopwatch.first_step_seconds, None
 
 
-def run_plain(args, module, batches) -> tuple[float, float]:
+def run_plain(args, module, batches) -> tuple[float, float, str | None]:
     """The same math without Lightning: what a hand-written nanoGPT-style loop does. (seconds of the timed steps,
-    seconds of the first step)"""
+    seconds of the first step, the top GPU kernels with --profile)"""
     module.cuda()
     module.configure_model()  # float8 conversion (model.fp8) and compile, as Lightning would
     optimizer = torch.optim.AdamW(module.param_groups(weight_decay=0.1), lr=3e-4, fused=True)
@@ -207,12 +207,10 @@ def run_plain(args, module, batches) -> tuple[float, float]:
         train_step(step)
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    if args.profile:
-        print_profile(train_step)
-    return seconds, first_step_seconds
+    return seconds, first_step_seconds, kernel_table(train_step) if args.profile else None
 
 
-def print_profile(train_step, steps: int = 3):
+def kernel_table(train_step, steps: int = 3) -> str:
     """Where the time goes: the GPU kernels of a few steps, by total CUDA time."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -220,7 +218,7 @@ def print_profile(train_step, steps: int = 3):
         for step in range(steps):
             train_step(step)
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=70))
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=70)
 
 
 COLUMNS = ["model", "attention", "aux", "loop", "fp8", "tokens_per_s", "mfu", "peak_mem_gib", "compile_s", "status"]
@@ -247,7 +245,7 @@ def measure(args, attention: str, aux_lambda: float, loop: str, fp8: str) -> dic
     module = make_module(args, attention, aux_lambda, fp8)
     seq_len = module.model.cfg.seq_len
     batches = fixed_batches(args, seq_len)
-    seconds, first_step_seconds = (run_plain if loop == "plain" else run_lightning)(args, module, batches)
+    seconds, first_step_seconds, kernels = (run_plain if loop == "plain" else run_lightning)(args, module, batches)
     row = None
     if not (torch.distributed.is_initialized() and torch.distributed.get_rank() > 0):
         tokens_per_s = args.steps * args.accumulate * args.batch_size * seq_len * args.devices / seconds
@@ -260,6 +258,8 @@ def measure(args, attention: str, aux_lambda: float, loop: str, fp8: str) -> dic
             row["device"] = torch.cuda.get_device_name()
         row["compile_s"] = first_step_seconds
         row["status"] = "ok"
+        if kernels:
+            row["kernels"] = kernels  # printed after the table, also from a process of --timeout's
     del module
     torch._dynamo.reset()
     torch.cuda.empty_cache()
@@ -486,6 +486,8 @@ def main():
         print_row(row)
         if args.out:
             record(args.out, row)
+    for row in (r for r in rows if "kernels" in r):
+        print(f"\nTop GPU kernels of 3 steps: {row['model']} {row['attention']} {row['fp8']}\n{row['kernels']}")
     if args.json and rows:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 
