@@ -8,6 +8,7 @@
   memory (from a GPU, only while the copy is queued).
 """
 
+import atexit
 import ctypes
 import logging
 import os
@@ -176,6 +177,9 @@ class BackgroundCheckpointIO(AtomicCheckpointIO):
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         self.handoff = Handoff(self.jobs)
+        # A script that saves and returns without teardown (Lightning's fit always calls it): at exit, Python would
+        # end the writer before the writes in flight land, losing them. This runs before multiprocessing's exit hook.
+        atexit.register(self.teardown)
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         start = time.perf_counter()
@@ -258,6 +262,7 @@ class BackgroundCheckpointIO(AtomicCheckpointIO):
         return None, self.writer_died  # each write in flight when it died (a same-step best-k copy too)
 
     def teardown(self) -> None:
+        atexit.unregister(self.teardown)
         try:
             self.wait()
         finally:

@@ -8,6 +8,8 @@ PYTHONPATH (`in_the_writer`); a monkeypatch of the test process would not reach 
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -429,3 +431,16 @@ def test_the_writer_survives_the_signals_that_slurm_sends_to_every_process_of_a_
         os.kill(io.writer.pid, signum)
     io.teardown()
     assert saved(tmp_path / "last.ckpt") == (3, 3.0)
+
+
+def test_a_script_that_never_tears_down_exits_after_its_write_lands(tmp_path):
+    """Lightning's fit always tears the writer down; a script that saves and returns does not. At exit Python ends
+    its daemonic children: the write was lost (the writer, still starting, found the parent's queue gone), exit 0."""
+    checkpoint = "{'global_step': 5, 'state_dict': {'weight': torch.full((1,), 5.0)}}"
+    script = (
+        "import torch\nfrom checkpoints.writer import BackgroundCheckpointIO\n"
+        f"BackgroundCheckpointIO().save_checkpoint({checkpoint}, {str(tmp_path / 'last.ckpt')!r})\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, timeout=120, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert saved(tmp_path / "last.ckpt") == (5, 5.0)
