@@ -41,7 +41,7 @@ RUNS_2 = [
     "sink_wd0.5", "sink_noqknorm_wd0.5", "gated_fp8_tensorwise",
 ]  # fmt: skip
 TRAINED_ON_CORPUS_B = {"study2/vanilla_corpus_ab_4000steps"}  # corpus_b is no unseen text for these: not scored on it
-# The corpus_b rows scored: its first shard's (what the study's device calls carried), the same rows every time.
+# The corpus_b rows scored: its first shard's, the same every time (a folder's shards are read in a seeded order).
 CORPUS_B_SCORED = "corpus_b/part-00000-of-00008.parquet"
 # fine-tuning run -> the run whose last.ckpt it starts from (its init_from), both as experiment names
 STARTS_FROM = {
