@@ -38,7 +38,7 @@ FINETUNES = ["finetune_plain", "finetune_shared"]  # from the `vanilla` run
 RUNS_2 = [
     "finetune_gated_m0", "finetune_gated_m2", "finetune_gated_m4", "vanilla_wd0.5", "vanilla_noqknorm_wd0.5",
     "gated_seed2", "gated_aux1e-2_seed2", "gated_seed3", "gated_aux1e-2_seed3", "vanilla_corpus_ab_4000steps",
-    "sink_wd0.5", "sink_noqknorm_wd0.5", "gated_fp8_tensorwise",
+    "sink_wd0.5", "sink_noqknorm_wd0.5", "gated_fp8_tensorwise", "vanilla_fp8_tensorwise",
 ]  # fmt: skip
 TRAINED_ON_CORPUS_B = {"study2/vanilla_corpus_ab_4000steps"}  # corpus_b is no unseen text for these: not scored on it
 # The corpus_b rows scored: its first shard's, the same every time (a folder's shards are read in a seeded order).

@@ -36,6 +36,7 @@ TWINS = {
     "gated_aux1e-2_seed2": ("study/gated_aux1e-2", {"seed"}),
     "gated_aux1e-2_seed3": ("study/gated_aux1e-2", {"seed"}),
     "gated_fp8_tensorwise": ("study/gated", {"model.fp8"}),
+    "vanilla_fp8_tensorwise": ("study/vanilla", {"model.fp8"}),
     "finetune_gated_m0": ("study/finetune_plain", {"attention.name", "init_from", "trainer.max_steps"}),
     "finetune_gated_m2": ("study/finetune_shared", {"attention.name", "init_from", "trainer.max_steps"}),
     "finetune_gated_m4": (
@@ -246,3 +247,13 @@ def test_the_report_takes_each_runs_newest_compare_over_the_same_rows(tmp_path):
     write_compare(tmp_path, "corpus_a_20261206-0100", [("d", 1.45, "rows2")])  # other rows: not one table
     with pytest.raises(SystemExit, match="scored other rows"):
         study_report.newest_compare(tmp_path, "corpus_a")
+
+
+def test_each_float8_run_is_paired_with_its_bf16_twin_when_that_was_trained(tmp_path):
+    import study_report  # scripts/study_report.py
+
+    runs = ["gated_fp8tensorwise_lambda0.0_seed1337", "gated_lambda0.0_seed1337", "vanilla_fp8rowwise_lambda0.0_seed1"]
+    for run in runs:
+        (tmp_path / run / "csv").mkdir(parents=True)
+        (tmp_path / run / "csv" / "metrics.csv").write_text("step,val/bpb\n")
+    assert study_report.float8_pairs(tmp_path, runs) == [(runs[0], runs[1])]  # vanilla's twin is not there
