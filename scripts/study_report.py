@@ -194,25 +194,31 @@ def cv_curves_figure(out: Path, runs: list[str]):
     return fig
 
 
-def float8_pairs(out: Path, runs: list[str]) -> list[tuple[str, str]]:
-    """(float8 run, its bf16 twin) for each run named ..._fp8<recipe>_... whose twin (the name without it) is here."""
-    pairs = [(run, re.sub(r"_fp8[a-z]+", "", run)) for run in runs if "_fp8" in run]
-    return [(run, twin) for run, twin in pairs if (out / twin / "csv" / "metrics.csv").is_file()]
+def float8_pairs(out: Path, runs: list[str]) -> list[tuple[Path, Path]]:
+    """(float8 run, its bf16 twin) directories for each run named ..._fp8<recipe>_... whose twin (the name without
+    it) was trained, in this part or in part 1 (outputs/study/: vanilla's twin is study/vanilla)."""
+    pairs = []
+    for run in (r for r in runs if "_fp8" in r):
+        twin = re.sub(r"_fp8[a-z]+", "", run)
+        found = [d / twin for d in (out, out.parent / "study") if (d / twin / "csv" / "metrics.csv").is_file()]
+        if found:
+            pairs.append((out / run, found[0]))
+    return pairs
 
 
-def float8_figure(out: Path, pairs: list[tuple[str, str]]):
+def float8_figure(pairs: list[tuple[Path, Path]]):
     """Per pair: validation BPB and mean CV over training, float8 beside its bf16 twin (same seed, same data)."""
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(len(pairs), 2, figsize=(8, 3 * len(pairs)), dpi=100, constrained_layout=True,
                              squeeze=False)  # fmt: skip
     for (run, twin), (bpb, cv) in zip(pairs, axes, strict=True):
-        for name, style in ((twin, "-"), (run, "--")):
-            log = logged(out / name)
+        for run_dir, label, style in ((twin, "bf16", "-"), (run, "float8", "--")):
+            log = logged(run_dir)
             for ax, key in ((bpb, "val/bpb"), (cv, "heads/cv_mean")):
                 steps, values = zip(*log[key], strict=True)
-                ax.plot(steps, values, linestyle=style, label="bf16" if name == twin else "float8")
-        bpb.set_title(f"{twin}: validation BPB", fontsize=8)
+                ax.plot(steps, values, linestyle=style, label=label)
+        bpb.set_title(f"{twin.name}: validation BPB", fontsize=8)
         cv.set_title("mean CV of head importance (log)", fontsize=8)
         cv.set_yscale("log")
         bpb.legend(fontsize=7)
@@ -268,7 +274,7 @@ def build_report(out: Path, docs: Path, img: Path, part: int = 1) -> None:
         (docs / f"eval_{kind}.json").write_text(json.dumps(list(reports.values()), indent=1))
     save_figure(cv_curves_figure(out, pretrained), img / f"{name}_cv_curves.png")
     if pairs := float8_pairs(out, pretrained):
-        save_figure(float8_figure(out, pairs), img / f"{name}_float8.png")
+        save_figure(float8_figure(pairs), img / f"{name}_float8.png")
     a = evals["corpus_a"]
     Image.fromarray(heatmaps([a[r] for r in pretrained], pretrained)).save(img / f"{name}_heatmaps.png")
     figures = ["cv_curves", "heatmaps", *(["float8"] if pairs else [])]

@@ -252,8 +252,12 @@ def test_the_report_takes_each_runs_newest_compare_over_the_same_rows(tmp_path):
 def test_each_float8_run_is_paired_with_its_bf16_twin_when_that_was_trained(tmp_path):
     import study_report  # scripts/study_report.py
 
-    runs = ["gated_fp8tensorwise_lambda0.0_seed1337", "gated_lambda0.0_seed1337", "vanilla_fp8rowwise_lambda0.0_seed1"]
-    for run in runs:
-        (tmp_path / run / "csv").mkdir(parents=True)
-        (tmp_path / run / "csv" / "metrics.csv").write_text("step,val/bpb\n")
-    assert study_report.float8_pairs(tmp_path, runs) == [(runs[0], runs[1])]  # vanilla's twin is not there
+    out = tmp_path / "study2"
+    runs = ["gated_fp8tensorwise_lambda0.0_seed1", "gated_lambda0.0_seed1", "vanilla_fp8rowwise_lambda0.0_seed1"]
+    for run_dir in [out / run for run in runs]:
+        (run_dir / "csv").mkdir(parents=True)
+        (run_dir / "csv" / "metrics.csv").write_text("step,val/bpb\n")
+    assert study_report.float8_pairs(out, runs) == [(out / runs[0], out / runs[1])]  # vanilla's twin: not trained
+    (tmp_path / "study" / "vanilla_lambda0.0_seed1" / "csv").mkdir(parents=True)
+    (tmp_path / "study" / "vanilla_lambda0.0_seed1" / "csv" / "metrics.csv").write_text("step,val/bpb\n")
+    assert study_report.float8_pairs(out, runs)[1] == (out / runs[2], tmp_path / "study" / "vanilla_lambda0.0_seed1")
