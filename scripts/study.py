@@ -166,20 +166,21 @@ def evaluate(part: int, overrides: list[str]) -> None:
     fine-tuning runs beside the run they started from. Each compare.json records the rows it scored."""
     data_dir = Path(os.environ.get("SINKAWARE_DATA", ROOT / ".data"))
     runs, tuned = eval_sets(part)
-    pretrained = checkpoints(runs)
-    tokenizer = next((str(Path(c).parents[1] / "tokenizer.json") for c in pretrained + checkpoints(tuned)), None)
+    pretrained = {run: checkpoint for run in runs for checkpoint in checkpoints([run])}  # the finished ones
+    tuned = checkpoints(tuned)
+    tokenizer = next((str(Path(c).parents[1] / "tokenizer.json") for c in [*pretrained.values(), *tuned]), None)
     if tokenizer is None:
         raise SystemExit(f"no finished run to evaluate: run `python scripts/study.py train --part {part}` first")
     common = ["data=local", "data/tokenizer=bpe", "data.tokenizer.vocab_size=32768", f"data.tokenizer.file={tokenizer}",
               "data.tokenizer.copy_to=null", "data.num_workers=6", "samples=400"]  # fmt: skip
     jobs = {
-        "corpus_a": (pretrained, [f"data.corpus.path={data_dir}/corpus_a", "ablation.samples=200"]),
+        "corpus_a": (list(pretrained.values()), [f"data.corpus.path={data_dir}/corpus_a", "ablation.samples=200"]),
         # corpus_b shares no document with corpus_a: all of it is unseen; 999 per mille puts (nearly) all in the split
         "corpus_b": (
-            checkpoints([run for run in runs if run not in TRAINED_ON_CORPUS_B]),
+            [checkpoint for run, checkpoint in pretrained.items() if run not in TRAINED_ON_CORPUS_B],
             [f"data.corpus.path={data_dir}/{CORPUS_B_SCORED}", "data.corpus.val_permille=999", "ablation.samples=0"],
         ),
-        "finetune": (checkpoints(tuned), [f"data.corpus.path={data_dir}/corpus_a", "ablation.samples=0"]),
+        "finetune": (tuned, [f"data.corpus.path={data_dir}/corpus_a", "ablation.samples=0"]),
     }
     out = ROOT / "outputs" / ("study" if part == 1 else "study2")
     for name, (paths, extra) in jobs.items():
