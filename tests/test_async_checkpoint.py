@@ -158,9 +158,11 @@ def copies_from_a_gpu(monkeypatch, *events) -> None:
     """The next saves return these as the events of their copies from a GPU, one each, then none (CPU tensors)."""
     events = list(events)
     gpu = torch.device("cuda", 0)
-    monkeypatch.setattr(
-        "checkpoints.writer.host_copy", lambda *args: (host_copy(*args)[0], {gpu: events.pop(0)} if events else {})
-    )
+
+    def copy(*args):  # as from a GPU without room to stage: the next optimizer step waits for the copy
+        return (host_copy(*args)[0], {gpu: events.pop(0)}, True) if events else host_copy(*args)
+
+    monkeypatch.setattr("checkpoints.writer.host_copy", copy)
 
 
 def test_a_removal_stays_behind_a_write_whose_copy_is_not_complete(tmp_path, monkeypatch):
@@ -397,9 +399,11 @@ def test_cuda_tensors_go_to_pinned_buffers_reserved_once_and_kept(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (copies on a side stream)")
-def test_each_checkpoint_holds_its_step_while_the_next_steps_run_during_its_copy(tmp_path):
+@pytest.mark.parametrize("staged", [False, True], ids=["straight-to-host", "staged-on-the-gpu"])
+def test_each_checkpoint_holds_its_step_while_the_next_steps_run_during_its_copy(tmp_path, staged):
     """256 MiB take milliseconds to copy to the host, an update of them a fraction of that: the next optimizer step
-    must wait for the copy, and a temporary (`doubled`) must keep its memory until the copy has read it."""
+    must wait for the copy, unless the weight was staged in GPU memory first (then it must not wait), and a temporary
+    (`doubled`) must keep its memory until the copy has read it."""
     weight = torch.nn.Parameter(torch.zeros(64, 1024, 1024, device="cuda"))
     optimizer = torch.optim.SGD([weight], lr=1.0)
 
@@ -408,12 +412,16 @@ def test_each_checkpoint_holds_its_step_while_the_next_steps_run_during_its_copy
         (-weight.sum()).backward()
 
     io = BackgroundCheckpointIO()
+    if staged:
+        io.reserve([weight])  # as LastCheckpoint after the first step; the GPU has room for 256 MiB
+        assert len(io.staged) == 1
     try:
         for step in range(1, 5):
             optimizer.step(closure=closure)  # as Lightning calls it
             doubled = weight[0, 0, :4] * 2
             io.save_checkpoint({"global_step": step, "weight": weight, "doubled": doubled}, tmp_path / f"{step}.ckpt")
             del doubled
+            assert bool(io.copying) is not staged  # what the next optimizer step waits for
     finally:
         io.teardown()
     for step in range(1, 5):
