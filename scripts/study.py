@@ -33,12 +33,13 @@ RUNS = [
 ]  # fmt: skip
 FINETUNES = ["finetune_plain", "finetune_shared"]  # from the `vanilla` run
 # Part 2 by priority (conf/experiment/study2/base.yaml): claim 4 from collapsed heads, weight decay and QK-norm,
-# seeds, more distinct data, the sink twins, float8. Not by default: the lambda=1e-4 twins (only once their base run
-# forms sinks); --only names them.
+# seeds (with part 1's two gated runs again: seed 1337 of each pair), more distinct data, the sink twins, float8. Not
+# by default: the lambda=1e-4 twins (only once their base run forms sinks); --only names them.
 RUNS_2 = [
-    "finetune_gated_m0", "finetune_gated_m2", "finetune_gated_m4", "vanilla_wd0.5", "vanilla_noqknorm_wd0.5",
-    "gated_seed2", "gated_aux1e-2_seed2", "gated_seed3", "gated_aux1e-2_seed3", "vanilla_corpus_ab_4000steps",
-    "sink_wd0.5", "sink_noqknorm_wd0.5", "gated_fp8_tensorwise", "vanilla_fp8_tensorwise",
+    "study/gated", "finetune_gated_m0", "finetune_gated_m2", "finetune_gated_m4", "vanilla_wd0.5",
+    "vanilla_noqknorm_wd0.5", "gated_seed2", "study/gated_aux1e-2", "gated_aux1e-2_seed2", "gated_seed3",
+    "gated_aux1e-2_seed3", "vanilla_corpus_ab_4000steps", "sink_wd0.5", "sink_noqknorm_wd0.5", "gated_fp8_tensorwise",
+    "vanilla_fp8_tensorwise",
 ]  # fmt: skip
 TRAINED_ON_CORPUS_B = {"study2/vanilla_corpus_ab_4000steps"}  # corpus_b is no unseen text for these: not scored on it
 # The corpus_b rows scored: its first shard's, the same every time (a folder's shards are read in a seeded order).
@@ -63,14 +64,19 @@ def finished(experiment: str) -> bool:
     return (run_dir(experiment) / "checkpoints" / "done").exists()
 
 
+def experiments(part: int, names: list[str]) -> list[str]:
+    """Experiment names with their folder: relative to the part's folder unless they hold a slash."""
+    folder = "study" if part == 1 else "study2"
+    return [n if "/" in n else f"{folder}/{n}" for n in names]
+
+
 def requested(part: int, only: str | None) -> list[str]:
-    """The experiments to train, in order: --only's names (relative to the part's folder unless they hold a slash) or
-    the part's default list, each preceded by the run it starts from when that is not among them."""
-    folder, default = ("study", RUNS + FINETUNES) if part == 1 else ("study2", RUNS_2)
-    names = [n if "/" in n else f"{folder}/{n}" for n in (only.split(",") if only else default)]
+    """The experiments to train, in order: --only's names or the part's default list, each preceded by the run it
+    starts from when that is not among them."""
+    names = experiments(part, only.split(",") if only else (RUNS + FINETUNES if part == 1 else RUNS_2))
     missing = [n for n in names if not (CONF / "experiment" / f"{n}.yaml").is_file()]
     if missing:
-        raise SystemExit(f"--only: no conf/experiment/{missing[0]}.yaml (names of conf/experiment/{folder}/, no .yaml)")
+        raise SystemExit(f"--only: no conf/experiment/{missing[0]}.yaml (names of its files, without .yaml)")
     queue = []
     for name in names:
         start = STARTS_FROM.get(name)
@@ -156,14 +162,15 @@ def eval_sets(part: int) -> tuple[list[str], list[str]]:
     """The pretraining runs of a part, and the fine-tuning runs together with the run they start from."""
     if part == 1:
         return [f"study/{n}" for n in RUNS], [f"study/{n}" for n in ["vanilla", *FINETUNES]]
-    tuned = [f"study2/{n}" for n in RUNS_2 if f"study2/{n}" in STARTS_FROM]
-    pretrained = [f"study2/{n}" for n in RUNS_2 if f"study2/{n}" not in STARTS_FROM]
-    return pretrained, [STARTS_FROM[tuned[0]], *tuned]
+    names = experiments(2, RUNS_2)
+    tuned = [n for n in names if n in STARTS_FROM]
+    return [n for n in names if n not in STARTS_FROM], [STARTS_FROM[tuned[0]], *tuned]
 
 
 def evaluate(part: int, overrides: list[str]) -> None:
-    """eval.py eval_mode=compare: corpus_a's validation split (with head ablation), corpus_b (unseen text), and the
-    fine-tuning runs beside the run they started from. Each compare.json records the rows it scored."""
+    """eval.py eval_mode=compare: corpus_a's validation split (with head ablation), corpus_b (unseen text, also for
+    the fine-tunings), and the fine-tuning runs beside the run they started from. Each compare.json records the rows
+    it scored."""
     data_dir = Path(os.environ.get("SINKAWARE_DATA", ROOT / ".data"))
     runs, tuned = eval_sets(part)
     pretrained = {run: checkpoint for run in runs for checkpoint in checkpoints([run])}  # the finished ones
@@ -177,7 +184,8 @@ def evaluate(part: int, overrides: list[str]) -> None:
         "corpus_a": (list(pretrained.values()), [f"data.corpus.path={data_dir}/corpus_a", "ablation.samples=200"]),
         # corpus_b shares no document with corpus_a: all of it is unseen; 999 per mille puts (nearly) all in the split
         "corpus_b": (
-            [checkpoint for run, checkpoint in pretrained.items() if run not in TRAINED_ON_CORPUS_B],
+            [checkpoint for run, checkpoint in pretrained.items() if run not in TRAINED_ON_CORPUS_B]
+            + [checkpoint for checkpoint in tuned if checkpoint not in pretrained.values()],
             [f"data.corpus.path={data_dir}/{CORPUS_B_SCORED}", "data.corpus.val_permille=999", "ablation.samples=0"],
         ),
         "finetune": (tuned, [f"data.corpus.path={data_dir}/corpus_a", "ablation.samples=0"]),

@@ -133,7 +133,8 @@ def test_requested_brings_the_start_run_along_and_part_1_is_unchanged():
         "study/gated", "study2/vanilla_wd0.5", "study2/finetune_gated_m4",
     ]  # fmt: skip
     assert study.requested(1, None) == [f"study/{n}" for n in study.RUNS + study.FINETUNES]
-    assert all(f"study2/{n}" in study.requested(2, None) for n in study.RUNS_2)
+    assert study.requested(2, None) == study.experiments(2, study.RUNS_2)
+    assert {"study/gated", "study/gated_aux1e-2", "study2/gated_seed2"} < set(study.requested(2, None))
     with pytest.raises(SystemExit, match="no conf/experiment/study2/vanila_wd0.5.yaml"):
         study.requested(2, "vanila_wd0.5")
 
@@ -185,6 +186,7 @@ def test_fine_tunings_of_a_failed_run_are_dropped_not_awaited(monkeypatch, tmp_p
 
 
 def test_evaluation_scores_corpus_b_only_where_it_is_unseen_and_on_fixed_rows(monkeypatch, tmp_path):
+    """Part 2 scores the part-1 run it re-trains too, and the fine-tunings on corpus_b as well."""
     commands = []
 
     def run(command, **_):
@@ -194,22 +196,25 @@ def test_evaluation_scores_corpus_b_only_where_it_is_unseen_and_on_fixed_rows(mo
     monkeypatch.setattr(study, "run_dir", lambda experiment: tmp_path / "outputs" / experiment)
     monkeypatch.setattr(study.subprocess, "run", run)
     monkeypatch.setenv("SINKAWARE_DATA", str(tmp_path / "data"))
-    runs = ("study2/vanilla_wd0.5", "study2/vanilla_corpus_ab_4000steps")
+    runs = ("study/gated", "study2/vanilla_wd0.5", "study2/vanilla_corpus_ab_4000steps", "study2/finetune_gated_m0")
     for experiment in runs:
         (tmp_path / "outputs" / experiment / "checkpoints").mkdir(parents=True)
         (tmp_path / "outputs" / experiment / "checkpoints" / "done").touch()
-    study.evaluate(2, [])  # no fine-tuning has finished: corpus_a and corpus_b only
+    study.evaluate(2, [])
 
     def argument(command, key):
         return next(a.removeprefix(key) for a in command if a.startswith(key))
 
-    scored = {argument(c, "data.corpus.path="): argument(c, "ckpts=") for c in commands}
-    ckpt = {e: f"{tmp_path}/outputs/{e}/checkpoints/last.ckpt" for e in runs}
-    assert scored == {
-        f"{tmp_path}/data/corpus_a": f"[{ckpt[runs[0]]},{ckpt[runs[1]]}]",
-        # one shard's rows, the same every time; not the a+b run, which trained on corpus_b
-        f"{tmp_path}/data/corpus_b/part-00000-of-00008.parquet": f"[{ckpt[runs[0]]}]",
+    gated, wd, ab, tuned = (f"{tmp_path}/outputs/{e}/checkpoints/last.ckpt" for e in runs)
+    paths = {argument(c, "hydra.run.dir=").split("/")[-1].rsplit("_", 1)[0]: argument(c, "ckpts=") for c in commands}
+    assert paths == {
+        "corpus_a": f"[{gated},{wd},{ab}]",
+        # one shard's rows, the same every time; not the a+b run, which trained on corpus_b; the fine-tuning too
+        "corpus_b": f"[{gated},{wd},{tuned}]",
+        "finetune": f"[{gated},{tuned}]",
     }
+    corpus_b = next(c for c in commands if f"ckpts=[{gated},{wd},{tuned}]" in c)
+    assert f"data.corpus.path={tmp_path}/data/corpus_b/part-00000-of-00008.parquet" in corpus_b
 
 
 def test_part_2_command_line_is_parsed():
