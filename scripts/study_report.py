@@ -99,18 +99,30 @@ def sort_key(run: str):
     return (rank, fields.get("seed", ""), float(fields.get("lambda", 0)), fields.get("m", ""))
 
 
-def run_rows(out: Path, evals: dict[str, dict[str, dict]], tokens_per_step: int) -> list[dict]:
+def run_dirs(out: Path, evals: dict[str, dict[str, dict]]) -> dict[str, Path]:
+    """{run: its directory} of every evaluated run that has its CSV log here: outputs/<folder>/<run>, the folder of the
+    checkpoint its report scored (part 2 also scores the part-1 runs it re-trains, in outputs/study/)."""
+    dirs = {}
+    for reports in evals.values():
+        for run, report in reports.items():
+            run_dir = out.parent / Path(report["checkpoint"]).parents[2].name / run
+            if (run_dir / "csv" / "metrics.csv").is_file():
+                dirs[run] = run_dir
+    return dict(sorted(dirs.items(), key=lambda item: sort_key(item[0])))
+
+
+def run_rows(dirs: dict[str, Path], evals: dict[str, dict[str, dict]], tokens_per_step: int) -> list[dict]:
     rows = []
-    for run_dir in sorted((p.parent.parent for p in out.glob("*/csv/metrics.csv")), key=lambda p: sort_key(p.name)):
+    for run, run_dir in dirs.items():
         log = logged(run_dir)
-        a = evals["corpus_a"].get(run_dir.name) or evals["finetune"].get(run_dir.name)
+        a = evals["corpus_a"].get(run) or evals["finetune"].get(run)
         if a is None:
-            continue  # not evaluated: an unfinished run
-        b = evals["corpus_b"].get(run_dir.name)
+            continue  # scored on corpus_b only
+        b = evals["corpus_b"].get(run)
         imp = np.array(a["importance"])
         speed = [v for _, v in log.get("perf/tokens_per_s", [])]
         rows.append({
-            "run": run_dir.name,
+            "run": run,
             "attention": a["model"]["attention"],
             "lambda": a["aux"]["lambda"],
             "shared_heads": a["aux"].get("shared_heads", 0),
@@ -173,13 +185,13 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def cv_curves_figure(out: Path, runs: list[str]):
+def cv_curves_figure(dirs: dict[str, Path], runs: list[str]):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100, constrained_layout=True)
     colormaps = {"vanilla": "Blues", "sink": "Oranges", "gated": "Greens"}  # a hue per variant, a shade per run
     for run in runs:
-        points = logged(out / run).get("heads/cv_mean", [])
+        points = logged(dirs[run]).get("heads/cv_mean", [])
         steps, values = zip(*points, strict=True)
         attention = run.split("_")[0]
         same = [r for r in runs if r.split("_")[0] == attention]
@@ -257,7 +269,8 @@ def build_report(out: Path, docs: Path, img: Path, part: int = 1) -> None:
         raise SystemExit(f"no eval under {out / 'eval'}: run `python scripts/study.py eval` first")
     docs.mkdir(parents=True, exist_ok=True)
     img.mkdir(parents=True, exist_ok=True)
-    rows = run_rows(out, evals, tokens_per_step(spec["experiment"]))
+    dirs = run_dirs(out, evals)
+    rows = run_rows(dirs, evals, tokens_per_step(spec["experiment"]))
     with open(docs / "runs.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -267,12 +280,12 @@ def build_report(out: Path, docs: Path, img: Path, part: int = 1) -> None:
         writer = csv.writer(f)
         writer.writerow(["run", "step", "cv_mean", "val_bpb"])
         for run in pretrained:
-            log = logged(out / run)
+            log = logged(dirs[run])
             val = dict(log.get("val/bpb", []))
             writer.writerows([run, step, round(cv, 5), val.get(step, "")] for step, cv in log["heads/cv_mean"])
     for kind, reports in evals.items():
         (docs / f"eval_{kind}.json").write_text(json.dumps(list(reports.values()), indent=1))
-    save_figure(cv_curves_figure(out, pretrained), img / f"{name}_cv_curves.png")
+    save_figure(cv_curves_figure(dirs, pretrained), img / f"{name}_cv_curves.png")
     if pairs := float8_pairs(out, pretrained):
         save_figure(float8_figure(pairs), img / f"{name}_float8.png")
     a = evals["corpus_a"]
@@ -287,9 +300,9 @@ def build_report(out: Path, docs: Path, img: Path, part: int = 1) -> None:
         finetune = heatmaps([evals["finetune"][r] for r in tuned], tuned)
         Image.fromarray(finetune).save(img / f"{name}_finetune.png")
         figures.append("finetune")
-    for run in (r for r in tuned if r.startswith("finetune") and (out / r / "csv").is_dir()):
+    for run in (r for r in tuned if r.startswith("finetune") and r in dirs):
         shared = evals["finetune"][run].get("shared_heads")
-        save_figure(gate_trajectories_figure(run, head_gates(out / run), shared), img / f"{name}_gates_{run}.png")
+        save_figure(gate_trajectories_figure(run, head_gates(dirs[run]), shared), img / f"{name}_gates_{run}.png")
         figures.append(f"gates_{run}")
     tuned_rows = finetune_rows(evals["finetune"]) if tuned else []
     (docs.parent / f"{name}_results.md").write_text(
