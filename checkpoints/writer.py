@@ -128,9 +128,10 @@ class BackgroundCheckpointIO(AtomicCheckpointIO):
     Where the GPU has room (`stage`), each tensor is first copied into spare GPU memory, in the training stream
     (milliseconds), and goes to the host from there: training never waits for the host copy. Otherwise the next
     optimizer step (of any optimizer: a global pre-hook) waits for the host copies on the GPU, after its forward and
-    backward: a 6.7 GB copy takes longer than one step of 0.6b on an H100. This assumes that only optimizer steps
-    change the CUDA tensors of a checkpoint in place: the parameters and the optimizer state. The model's buffers are
-    constant in this project (shared_heads is set before the first checkpoint), and its metrics are not saved.
+    backward: a 6.7 GB copy takes about as long as that forward and backward (0.6b, H100). This assumes that only
+    optimizer steps change the CUDA tensors of a checkpoint in place: the parameters and the optimizer state. The
+    model's buffers are constant in this project (shared_heads is set before the first checkpoint), and its metrics
+    are not saved.
 
     Not Lightning's AsyncCheckpointIO (a thread; it clones the tensors on the GPU, lets writes pile up and removes old
     files before the new one is written), nor DCP's async_save: it writes a folder of shards, which is what
