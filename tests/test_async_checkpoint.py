@@ -376,6 +376,18 @@ def test_writes_in_flight_when_the_writer_dies_are_each_reported_as_failed(tmp_p
     assert io.in_flight == [] and list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(("free", "staged"), [(2_000, True), (1_999, False)])
+def test_a_checkpoint_is_staged_on_the_gpu_only_where_a_tenth_of_its_memory_stays_free(monkeypatch, free, staged):
+    """1,000 bytes to stage on a GPU of 10,000: staged if 1,000 (10%) stay free after it. (CPU tensors stand in for
+    the CUDA ones: the rule reads only their device and size.)"""
+    tensors = {("weight",): torch.zeros(125), ("exp_avg",): torch.zeros(125)}  # float32: 500 bytes each
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free, 10_000))
+    io = BackgroundCheckpointIO()
+    io.stage(tensors)
+    assert sorted(io.staged) == (sorted(tensors) if staged else [])
+    assert all(io.staged[key].shape == tensors[key].shape for key in io.staged)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (pinned host copies)")
 def test_cuda_tensors_go_to_pinned_buffers_reserved_once_and_kept(tmp_path):
