@@ -447,7 +447,6 @@ def main():
     needs_lightning = args.devices > 1 or args.accumulate > 1 or args.strategy != "auto" or args.accelerator == "cpu"
     if needs_lightning and args.loops != ["lightning"]:
         sys.exit("--devices > 1, --accumulate > 1, --strategy and the CPU need --loops lightning (plain: one GPU)")
-    torch.backends.cuda.matmul.allow_tf32 = True
     torch._dynamo.config.optimize_ddp = args.optimize_ddp
     configs = configurations(args)
     if args.child:  # one configuration, for the process that started this one (--timeout)
