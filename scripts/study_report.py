@@ -100,15 +100,17 @@ def sort_key(run: str):
 
 
 def run_dirs(out: Path, evals: dict[str, dict[str, dict]]) -> dict[str, Path]:
-    """{run: its directory} of every evaluated run that has its CSV log here: outputs/<folder>/<run>, the folder of the
-    checkpoint its report scored (part 2 also scores the part-1 runs it re-trains, in outputs/study/)."""
+    """{run: its directory} of every evaluated run whose CSV log is here: in outputs/<folder>/<run>, the folder of the
+    checkpoint its report scored (part 2 also scores the part-1 runs it re-trains, in outputs/study/), else in this
+    part's folder (a log copied there from another machine)."""
     dirs = {}
     for reports in evals.values():
         for run, report in reports.items():
-            run_dir = out.parent / Path(report["checkpoint"]).parents[2].name / run
-            if (run_dir / "csv" / "metrics.csv").is_file():
-                dirs[run] = run_dir
-    return dict(sorted(dirs.items(), key=lambda item: sort_key(item[0])))
+            for run_dir in (out.parent / Path(report["checkpoint"]).parents[2].name / run, out / run):
+                if (run_dir / "csv" / "metrics.csv").is_file():
+                    dirs[run] = run_dir
+                    break
+    return dict(sorted(dirs.items(), key=lambda item: (sort_key(item[0]), item[0])))
 
 
 def run_rows(dirs: dict[str, Path], evals: dict[str, dict[str, dict]], tokens_per_step: int) -> list[dict]:

@@ -269,21 +269,26 @@ def test_each_float8_run_is_paired_with_its_bf16_twin_when_that_was_trained(tmp_
 
 
 def test_the_report_finds_each_evaluated_run_in_the_folder_of_its_checkpoint(tmp_path):
-    """Part 2 re-trains part 1's gated runs (outputs/study/): their rows come from there. A run evaluated elsewhere
-    whose log is not here (its folder was not copied back) has no row; nor has a run that was not evaluated."""
+    """Part 2 re-trains part 1's gated runs (outputs/study/): their rows come from there, or from part 2's folder
+    where the log was copied. A run whose log is in neither has no row; nor has a run that was not evaluated."""
     import study_report  # scripts/study_report.py
 
     out = tmp_path / "study2"
-    logs = {("study", "gated_lambda0.0_seed1337"), ("study2", "vanilla_qkrms_wd0.5"), ("study2", "unevaluated")}
+    logs = [("study", "gated_lambda0.0_seed1337"), ("study2", "vanilla_qkrms_wd0.5"), ("study2", "unevaluated")]
+    logs.append(("study2", "gated_lambda0.0_seed2"))  # scored in outputs/study/ on another machine, copied here
     for folder, run in logs:
         (tmp_path / folder / run / "csv").mkdir(parents=True)
         (tmp_path / folder / run / "csv" / "metrics.csv").touch()
     scored = {
         run: {"checkpoint": f"/device/repo/outputs/{folder}/{run}/checkpoints/last.ckpt"}
-        for folder, run in [("study", "gated_lambda0.0_seed1337"), ("study2", "vanilla_qkrms_wd0.5"), ("study", "lost")]
-    }
+        for folder, run in [
+            ("study", "gated_lambda0.0_seed1337"), ("study2", "vanilla_qkrms_wd0.5"), ("study", "lost"),
+            ("study", "gated_lambda0.0_seed2"),
+        ]
+    }  # fmt: skip
     dirs = study_report.run_dirs(out, {"corpus_a": scored, "corpus_b": {}, "finetune": {}})
     assert list(dirs.items()) == [
         ("vanilla_qkrms_wd0.5", out / "vanilla_qkrms_wd0.5"),
         ("gated_lambda0.0_seed1337", tmp_path / "study" / "gated_lambda0.0_seed1337"),
+        ("gated_lambda0.0_seed2", out / "gated_lambda0.0_seed2"),
     ]
