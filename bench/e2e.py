@@ -33,6 +33,7 @@ from checkpoints import reader  # noqa: E402
 ROOT = Path(__file__).parents[1]
 WHOLE_RUN = re.compile(r"whole run: (\d+) tokens in ([\d.]+) s of training, steps (\d+)-(\d+)")
 VALIDATION = re.compile(r"^step \d+/\d+ \| validation", re.M)  # the progress line of each validation (no terminal)
+STEP_TIME = re.compile(r"step time: median ([\d.]+) ms over (\d+) steps; slowest: (.*)")
 
 
 def with_defaults(overrides: list[str], defaults: list[str]) -> list[str]:
@@ -157,6 +158,12 @@ def run_one(args, user: list[str]) -> dict:
     ratio = e2e["tokens_per_s"] / bench["tokens_per_s"]
     held = [float(h) for h in re.findall(r"training held ([\d.]+) s", output)]
     e2e["checkpoint_held_s"] = held  # per checkpoint: how long training waited for its copy to host memory
+    step_time = STEP_TIME.search(output)
+    if step_time:  # where the time went: the slowest steps (checkpoint steps are multiples of checkpoint_every)
+        e2e["median_step_ms"] = float(step_time[1])
+        e2e["slowest_steps_ms"] = {
+            int(step): float(ms) for step, ms in re.findall(r"(\d+) \(([\d.]+) ms\)", step_time[3])
+        }
     print(f"\n# {' '.join(user)}")
     print("| measure | tokens/s | timed |\n|---|---|---|")
     print(
@@ -168,6 +175,8 @@ def run_one(args, user: list[str]) -> dict:
         f"{e2e['checkpoint_every']} steps, {e2e['validations']} validations (excluded) |"
     )
     print(f"| end to end / benchmark | {ratio:.1%} | |")
+    if step_time:
+        print(f"train.py step time: median {step_time[1]} ms; slowest steps: {step_time[3]}")
     return {"overrides": overrides, "throughput": bench, "e2e": e2e, "ratio": ratio}
 
 

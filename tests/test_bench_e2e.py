@@ -59,6 +59,9 @@ def test_e2e_reports_train_py_and_the_benchmark_side_by_side(tmp_path):
     assert e2e["tokens"] == (STEPS - WARMUP) * BATCH * SEQ  # every step after the warm-up, none twice
     assert e2e["tokens_per_s"] == pytest.approx(e2e["tokens"] / e2e["seconds"])
     assert e2e["validations"] == 2 and e2e["checkpoint_every"] == STEPS // 4
+    # the five slowest timed steps: after the warm-up, and not the step after the mid-run validation (not timed)
+    timed = {str(step) for step in range(WARMUP + 1, STEPS + 1)} - {str(STEPS // 2 + 1)}
+    assert len(e2e["slowest_steps_ms"]) == 5 and set(e2e["slowest_steps_ms"]) <= timed and e2e["median_step_ms"] > 0
     assert throughput["loop"] == "lightning" and throughput["tokens_per_s"] > 0
     assert result["ratio"] == pytest.approx(e2e["tokens_per_s"] / throughput["tokens_per_s"])
     assert "data/tokenizer=bpe" in result["overrides"]  # the real data path by default

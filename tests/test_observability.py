@@ -3,6 +3,7 @@ scalars, BPB, losses, lr and throughput with the values of a known model state; 
 collapsed head is; the configs instantiate."""
 
 import json
+import logging
 import math
 import re
 import struct
@@ -194,6 +195,33 @@ def test_csv_carries_every_metric_and_mfu_uses_the_given_peak(tmp_path):
     assert list(bar.get_metrics(trainer, module)) == ["loss", "bpb", "val_bpb", "tok/s"]  # short, in order
     assert (tmp_path / "heads" / "importance_step_000004.png").is_file()  # at the end
     assert (tmp_path / "heads" / "cv_curve.png").is_file()
+
+
+def test_the_slowest_steps_are_named_and_the_step_after_a_validation_is_not_timed(tmp_path, caplog):
+    """A stall of 0.3 s before step 6's end makes step 6 the slowest; the validation after step 4 (0.6 s) is left
+    out: step 5 is not timed at all. Step 1 (the warm-up's end) starts the timing."""
+
+    class Stalls(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 6:
+                time.sleep(0.3)
+
+        def on_validation_end(self, trainer, *args):
+            time.sleep(0.6)
+
+    caplog.set_level(logging.INFO, logger="callbacks.speed")
+    batches = fixed_batches(8)
+    trainer = quiet_trainer(
+        max_steps=8, val_check_interval=4, limit_val_batches=1, num_sanity_val_steps=0, default_root_dir=tmp_path,
+        callbacks=[Stalls(), SpeedMonitor(warmup_steps=1, slowest_steps=10)],
+    )  # fmt: skip
+    loader = torch.utils.data.DataLoader(batches, batch_size=None)
+    trainer.fit(tiny_module("gated"), train_dataloaders=loader, val_dataloaders=loader)
+    line = re.search(r"step time: median ([\d.]+) ms over (\d+) steps; slowest: (.*)", caplog.text)
+    timed = [(int(step), float(ms)) for step, ms in re.findall(r"(\d+) \(([\d.]+) ms\)", line[3])]
+    assert int(line[2]) == 6 and sorted(step for step, _ in timed) == [2, 3, 4, 6, 7, 8]
+    assert timed[0][0] == 6 and timed[0][1] >= 300  # slowest first
+    assert float(line[1]) < 300
 
 
 def test_training_reads_values_back_at_logging_steps_only(tmp_path, monkeypatch):
