@@ -396,11 +396,13 @@ def host_copy(checkpoint: dict, buffers: dict, filled: set, streams: dict, stage
 
     The copies from a GPU are only queued, on that GPU's side stream in `streams` (created if missing), behind the work
     queued so far (the step that just ended). A tensor with a copy in `staged` (spare GPU memory) is first copied there
-    in the current stream, which orders it before any later change, and goes to the host from that copy. Returns the
-    snapshot, {GPU: an event recorded after its copies}: the buffers hold the values once those events have completed,
-    and whether a copy to the host reads a tensor of the checkpoint itself (not staged): training must not change it
-    before that event."""
-    copies = {}  # GPU -> [(CUDA tensor or its staged copy, its buffer)]
+    in the current stream, which orders it before any later change, and goes to the host from that copy; on a GPU that
+    stages, a tensor without one (Lightning's logged values, which the next step accumulates into in place: small) is
+    cloned in the current stream for the same reason. Returns the snapshot, {GPU: an event recorded after its copies}:
+    the buffers hold the values once those events have completed, and whether a copy to the host reads a tensor of
+    the checkpoint itself (a GPU that does not stage): training must not change it before that event."""
+    copies = {}  # GPU -> [(CUDA tensor or its copy on the GPU, its buffer)]
+    staging = {key[0] for key in staged}  # the GPUs that stage (a key's first item is its device)
     direct = False
 
     def copy(tensor: torch.Tensor) -> torch.Tensor:
@@ -414,6 +416,8 @@ def host_copy(checkpoint: dict, buffers: dict, filled: set, streams: dict, stage
             source = tensor.detach()
             if key in staged:
                 source = staged[key].copy_(source)
+            elif tensor.device in staging:
+                source = source.clone()
             else:
                 direct = True
             copies.setdefault(tensor.device, []).append((source, buffers[key]))
