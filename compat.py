@@ -5,6 +5,9 @@ tests/test_compat.py fails, naming the name, when a release moves one. Everythin
 an upgrade is one file to check. This module sits below every folder (it imports no project code).
 """
 
+import threading
+
+from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
 
@@ -21,6 +24,7 @@ __all__ = [
     "set_data_parallel_size",
     "set_received_sigterm",
     "skip_sigterm_broadcast",
+    "stop_child_process_observer",
     "uncount_logging_step",
 ]
 
@@ -61,6 +65,16 @@ def skip_sigterm_broadcast(trainer) -> None:
     loop = trainer.fit_loop.epoch_loop
     if hasattr(loop, "_broadcast_sigterm_tensor"):
         loop._broadcast_sigterm_tensor = lambda: None
+
+
+def stop_child_process_observer() -> None:
+    """Ends the thread of Lightning's launcher that SIGKILLs every process of the run, its own included, once a rank it
+    started exits non-zero (it looks every 5 s). After SIGTERM every rank saves its step and exits 143 on its own:
+    seeing a rank that finished first, the thread killed rank 0 before rank 0 had ended. With no child left to watch,
+    it ends at its next look."""
+    for thread in threading.enumerate():
+        if isinstance(thread, _ChildProcessObserver):
+            thread._child_processes = []
 
 
 def set_data_parallel_size(strategy: ModelParallelStrategy, size: int) -> None:

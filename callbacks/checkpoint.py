@@ -101,6 +101,7 @@ class LastCheckpoint(ModelCheckpoint):
 
     def on_stop_signal(self, signum, frame):
         if signum == signal.SIGTERM and self.received != signum and self.launcher is not None:
+            compat.stop_child_process_observer()  # each rank exits 143 once saved: not a crash to kill the others for
             self.launcher.kill(signum)  # the ranks this process started, if any, as Lightning's handler did
         self.received = self.received or signum  # only a flag: the step in progress finishes first
 

@@ -1,6 +1,8 @@
 """compat.py's private names of Lightning, torchdata and torch.distributed.checkpoint still do what the project relies
 on: each test fails on the release that moves one, before a run fails (or silently stops saving) in the middle."""
 
+import os
+
 import torch
 import torch.distributed.checkpoint as dcp
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
@@ -97,3 +99,20 @@ def test_load_dcp_keys_reads_a_sharded_checkpoint_in_one_process(tmp_path):
     loaded = compat.load_dcp_keys({"state_dict"}, str(tmp_path))
     assert set(loaded) == {"state_dict"}
     assert torch.equal(loaded["state_dict"]["w"], torch.arange(4.0))
+
+
+def test_stop_child_process_observer_ends_lightnings_observer_without_killing_anything():
+    import subprocess
+    import sys
+
+    from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
+
+    child = subprocess.Popen([sys.executable, "-c", "raise SystemExit(143)"])
+    child.wait()  # a rank that exited non-zero: the observer's next look would SIGKILL this process
+    observer = _ChildProcessObserver(main_pid=os.getpid(), child_processes=[child], sleep_period=0.2)
+    killed = []
+    observer._terminate_all = lambda: killed.append(True)  # what it would do: SIGKILL everything, this process too
+    observer.start()
+    compat.stop_child_process_observer()
+    observer.join(timeout=5)
+    assert not observer.is_alive() and not killed  # ended at its next look, without killing

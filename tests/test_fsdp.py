@@ -243,13 +243,7 @@ def test_sigterm_to_every_process_of_a_background_writing_run_saves_its_step_and
     assert len(writers) >= 4, "two ranks and a writer process each"
     for pid in writers:
         os.kill(pid, signal.SIGTERM)
-    code = first.wait(timeout=300)
-    # 143; or SIGKILL from Lightning's child-process observer in rank 0, when its poll (every 5 s) sees rank 1's 143
-    # before rank 0 has ended: a known race of Lightning's launcher, after the save (the rest of the test checks it)
-    killed_by_the_observer = code == -signal.SIGKILL and "Forcefully terminating all other processes" in (
-        first.read_output()
-    )
-    assert code == 128 + signal.SIGTERM or killed_by_the_observer, first.read_output()[-3000:]
+    assert first.wait(timeout=300) == 128 + signal.SIGTERM, first.read_output()[-3000:]
     stopped_at = reader.saved_step(last)
     assert 4 <= stopped_at < 16, first.read_output()[-3000:]
     # rows to the stop; a write of that step in flight when the signal killed the writers is not published
