@@ -161,7 +161,7 @@ def checkpoints(experiments: list[str]) -> list[str]:
 def eval_sets(part: int) -> tuple[list[str], list[str]]:
     """The pretraining runs of a part, and the fine-tuning runs together with the run they start from."""
     if part == 1:
-        return [f"study/{n}" for n in RUNS], [f"study/{n}" for n in ["vanilla", *FINETUNES]]
+        return experiments(1, RUNS), experiments(1, ["vanilla", *FINETUNES])
     names = experiments(2, RUNS_2)
     tuned = [n for n in names if n in STARTS_FROM]
     return [n for n in names if n not in STARTS_FROM], [STARTS_FROM[tuned[0]], *tuned]
