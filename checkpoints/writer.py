@@ -19,6 +19,7 @@ import threading
 import time
 from pathlib import Path
 from traceback import format_exc
+from typing import NamedTuple
 
 import torch
 from fsspec.implementations.local import LocalFileSystem
@@ -33,6 +34,13 @@ log = logging.getLogger(__name__)
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2}  # ignored by the writer process
 PARTIAL = ".tmp."  # <checkpoint name>.tmp.<pid of its writer>: never a *.ckpt, so never resumed from
 STAGING_HEADROOM = 0.1  # share of a GPU's memory left free after the checkpoint's staging copy (see stage())
+
+
+class Buffer(NamedTuple):
+    """Stands in a snapshot for one of BackgroundCheckpointIO's host buffers, which the writer process has mapped once
+    (the "map" message): a save sends only the checkpoint's structure, not ~800 shared-memory handles each time."""
+
+    key: tuple
 
 
 class CheckpointWriteError(OSError):
@@ -112,9 +120,12 @@ def remove_partial_writes(dirpaths: list[str]) -> None:
 class BackgroundCheckpointIO(AtomicCheckpointIO):
     """AtomicCheckpointIO's write in another process: training waits only while the checkpoint is copied to shared host
     memory (`host_copy`; from a GPU the copy is only queued), then goes on while a writer process (started at the
-    first save, ended with the run) serialises, writes, fsyncs and renames it. The training process only hands it the
-    shared tensors' handles: no serialising in the training process and no GIL shared with it (a writer thread slowed
-    the training loop by 5-20% on an H200). One write in flight at most: a save first waits for the previous one.
+    first save, ended with the run) serialises, writes, fsyncs and renames it: no serialising in the training process
+    and no GIL shared with it (a writer thread slowed the training loop by 5-20% on an H200). The host buffers are
+    kept for the run and handed to the writer once (`share_buffers`); a save then sends only the checkpoint's structure
+    with a `Buffer` in place of each tensor. Sending every tensor's shared-memory handle at each save (~800 at 0.6b)
+    made the training process pickle them and serve the writer's ~800 requests for their file descriptors, under the
+    GIL, during the step after each checkpoint. One write in flight at most: a save first waits for the previous one.
     Removals of old checkpoints (ModelCheckpoint's top-k) go to the writer in the same queue, after the write that
     replaces them, and are skipped if a write failed: a failed write never leaves the run without its last good
     checkpoint. A failed write is raised as CheckpointWriteError at the next save, or at teardown (the end of fit,
@@ -142,9 +153,11 @@ class BackgroundCheckpointIO(AtomicCheckpointIO):
         self.writer = self.jobs = self.results = None  # the writer process and its queues, from the first save
         self.writer_died = None  # why the writer process ended before its writes were done
         self.in_flight = []  # (path, held, waited) of the writes sent whose result has not come back, in order
-        # {CUDA tensor key: its host buffer (shared with the writer, pinned)}, kept for the whole run: pinning 6.7 GB
-        # (0.6b with its AdamW state) takes ~5 s on an H200, copying into pinned memory ~0.2 s. See reserve().
+        # {tensor key: its host buffer (shared with the writer; pinned for a CUDA tensor)}, kept for the whole run:
+        # pinning 6.7 GB (0.6b with its AdamW state) takes ~5 s on an H200, copying into pinned memory ~0.2 s. See
+        # reserve().
         self.buffers: dict[tuple, torch.Tensor] = {}
+        self.mapped: set[tuple] = set()  # the keys of the buffers the writer process has been sent
         self.buffered_step, self.filled = None, set()  # the step the buffers hold, and which of them hold it
         self.staged: dict[tuple, torch.Tensor] = {}  # {CUDA tensor key: its copy in spare GPU memory}, see stage()
         self.handoff: Handoff | None = None  # forwards the messages for the writer, from the first save
@@ -169,6 +182,7 @@ class BackgroundCheckpointIO(AtomicCheckpointIO):
             log.info("pinned %.1f GB of shared host memory for the checkpoints in %.2f s", pinned / 1e9, seconds)
         self.stage(cuda)
         self.start_writer()
+        self.share_buffers()  # now, not in the step of the first checkpoint
 
     def stage(self, tensors: dict[tuple, torch.Tensor]) -> None:
         """Allocates a copy of these CUDA tensors in GPU memory, per GPU where it leaves STAGING_HEADROOM of the GPU's
@@ -199,6 +213,7 @@ class BackgroundCheckpointIO(AtomicCheckpointIO):
         context = torch.multiprocessing.get_context("spawn")  # CUDA cannot be forked; the writer needs none
         self.jobs, self.results = context.Queue(), context.Queue()
         self.writer = context.Process(target=serve, args=(self.jobs, self.results, os.getpid()), daemon=True)
+        self.mapped = set()
         # Started with the stop signals blocked (the mask is inherited), so that none kills it before serve()
         # ignores them; here they wait until the writer has started.
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
@@ -222,16 +237,29 @@ class BackgroundCheckpointIO(AtomicCheckpointIO):
         waited = time.perf_counter() - start
         snapshot, copies, direct = host_copy(checkpoint, self.buffers, self.filled, self.streams, self.staged)
         for key in self.buffers.keys() - self.filled:  # tensors gone since (or reserved and never saved)
-            unpin(self.buffers.pop(key))
+            release(key, self.buffers.pop(key))
             self.staged.pop(key, None)
         if direct:  # a copy reads a tensor that training changes: the next optimizer step waits for it
             self.copying.update(copies)  # a later event of a stream implies the earlier ones
             if self.hook is None:
                 self.hook = register_optimizer_step_pre_hook(self.step_after_the_copy)
         self.start_writer()
+        self.share_buffers()
         # A second save of the same step copies nothing: it reads the buffers of the first, so it follows it.
         self.handoff.put(("write", str(path), snapshot), copies.values())
         self.in_flight.append((path, time.perf_counter() - start, waited))
+
+    def share_buffers(self) -> None:
+        """Sends the writer process the buffers it has not mapped yet, and the keys of those released since, ahead of
+        the write that reads them (the handoff keeps the order). The state's tensors keep their buffers for the run, so
+        after the first save this sends only the few tensors that are new at each save (RNG states)."""
+        released = self.mapped - self.buffers.keys()
+        if released:  # the writer drops them after the writes sent before, which may read them
+            self.handoff.put(("forget", None, list(released)))
+        new = {key: self.buffers[key] for key in self.buffers.keys() - self.mapped}
+        if new:
+            self.handoff.put(("map", None, new))
+        self.mapped = set(self.buffers)
 
     def remove_checkpoint(self, path) -> None:
         self.start_writer()
@@ -306,9 +334,9 @@ class BackgroundCheckpointIO(AtomicCheckpointIO):
             if self.writer is not None:  # the writer does them, then ends
                 self.writer.join()
                 self.writer = None
-            for host in self.buffers.values():  # nothing reads or fills them any more (a next fit reserves its own)
-                unpin(host)
-            self.buffers, self.buffered_step, self.filled, self.staged = {}, None, set(), {}
+            for key, host in self.buffers.items():  # nothing reads or fills them any more (a next fit has its own)
+                release(key, host)
+            self.buffers, self.buffered_step, self.filled, self.staged, self.mapped = {}, None, set(), {}, set()
 
 
 class Handoff:
@@ -356,8 +384,16 @@ def serve(jobs, results, parent: int) -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     die_with(parent)
     io, failed = AtomicCheckpointIO(), False
+    buffers = {}  # {key: host buffer}, mapped once for the run (BackgroundCheckpointIO.share_buffers)
     while (job := jobs.get()) is not None:
-        kind, path, snapshot = job  # for "failed" (by Handoff), snapshot says why
+        kind, path, snapshot = job  # for "failed" (by Handoff), snapshot says why; for "map" and "forget", the buffers
+        if kind == "map":
+            buffers.update(snapshot)
+            continue
+        if kind == "forget":
+            for key in snapshot:
+                del buffers[key]
+            continue
         if kind == "failed":
             failed = True
             results.put((None, snapshot))
@@ -367,6 +403,7 @@ def serve(jobs, results, parent: int) -> None:
                 io.remove_checkpoint(path)
             continue
         start = time.perf_counter()
+        snapshot = apply_to_collection(snapshot, Buffer, lambda buffer: buffers[buffer.key])
         try:
             io.save_checkpoint(snapshot, path)
             results.put((time.perf_counter() - start, None))
@@ -388,11 +425,11 @@ def die_with(parent: int) -> None:
 
 
 def host_copy(checkpoint: dict, buffers: dict, filled: set, streams: dict, staged: dict) -> tuple[dict, dict, bool]:
-    """The checkpoint with every tensor copied to shared host memory (which the writer process maps) and every
-    container rebuilt: training goes on changing the weights, the optimizer state and Lightning's own dicts
-    (ModelCheckpoint's best_k_models) while the copy is written. A CUDA tensor goes to its pinned buffer in `buffers`
-    (created if missing), which the copy engine fills at tens of GB/s, unless its key is in `filled`: that buffer
-    already holds this step's values. `filled` is updated.
+    """The checkpoint with every tensor copied to its buffer in shared host memory (which the writer process maps) and
+    replaced by a `Buffer`, every container rebuilt: training goes on changing the weights, the optimizer state and
+    Lightning's own dicts (ModelCheckpoint's best_k_models) while the copy is written. A tensor goes to its buffer in
+    `buffers` (created if missing; pinned for a CUDA tensor, which the copy engine fills at tens of GB/s), unless its
+    key is in `filled`: that buffer already holds this step's values. `filled` is updated.
 
     The copies from a GPU are only queued, on that GPU's side stream in `streams` (created if missing), behind the work
     queued so far (the step that just ended). A tensor with a copy in `staged` (spare GPU memory) is first copied there
@@ -405,13 +442,16 @@ def host_copy(checkpoint: dict, buffers: dict, filled: set, streams: dict, stage
     staging = {key[0] for key in staged}  # the GPUs that stage (a key's first item is its device)
     direct = False
 
-    def copy(tensor: torch.Tensor) -> torch.Tensor:
-        if not tensor.is_cuda:
-            return shared_like(tensor).copy_(tensor.detach())
+    def copy(tensor: torch.Tensor) -> Buffer:
         key = tensor_key(tensor)
         if key not in buffers:
             buffers[key] = shared_like(tensor)
-        if key not in filled:
+        if key in filled:
+            return Buffer(key)
+        filled.add(key)
+        if not tensor.is_cuda:
+            buffers[key].copy_(tensor.detach())
+        else:
             nonlocal direct
             source = tensor.detach()
             if key in staged:
@@ -421,8 +461,7 @@ def host_copy(checkpoint: dict, buffers: dict, filled: set, streams: dict, stage
             else:
                 direct = True
             copies.setdefault(tensor.device, []).append((source, buffers[key]))
-            filled.add(key)
-        return buffers[key]
+        return Buffer(key)
 
     snapshot = apply_to_collection(checkpoint, torch.Tensor, copy)
     events = {}
@@ -451,10 +490,11 @@ def shared_like(tensor: torch.Tensor) -> torch.Tensor:
     return host
 
 
-def unpin(host: torch.Tensor) -> None:
-    """Unregisters a pinned buffer of shared_like before it is freed: else CUDA refuses to pin (cudaError 712) memory
-    mapped later at its address (the new scalars of ModelCheckpoint's state at each save, the next run of a sweep)."""
-    if host.nbytes:
+def release(key: tuple, host: torch.Tensor) -> None:
+    """Unregisters the pinned buffer of a CUDA tensor (shared_like) before it is freed: else CUDA refuses to pin
+    (cudaError 712) memory mapped later at its address (the new scalars of ModelCheckpoint's state at each save, the
+    next run of a sweep)."""
+    if key[0].type == "cuda" and host.nbytes:
         torch.cuda.cudart().cudaHostUnregister(host.data_ptr())
 
 

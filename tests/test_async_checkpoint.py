@@ -23,7 +23,7 @@ from hydra.utils import instantiate
 
 from callbacks.checkpoint import LastCheckpoint
 from checkpoints.reader import find_resumable
-from checkpoints.writer import BackgroundCheckpointIO, CheckpointWriteError, host_copy
+from checkpoints.writer import BackgroundCheckpointIO, CheckpointWriteError, host_copy, tensors_in
 
 ROOT = Path(__file__).parents[1]
 SAVE_IN_THE_WRITER = """
@@ -386,6 +386,30 @@ def test_a_checkpoint_is_staged_on_the_gpu_only_where_a_tenth_of_its_memory_stay
     io.stage(tensors)
     assert sorted(io.staged) == (sorted(tensors) if staged else [])
     assert all(io.staged[key].shape == tensors[key].shape for key in io.staged)
+
+
+def test_the_writer_gets_the_state_s_buffers_once_and_each_save_only_the_structure(tmp_path):
+    """Each tensor sent to the writer process is a shared-memory handle that the training process pickles and then
+    serves to the writer (its file descriptor), under the GIL: at 0.6b ~800 at each save, in the step after it. The
+    buffers are kept for the run and sent once; a later save sends the tensors that are new at that save only."""
+    weights = {f"weight{i}": torch.full((4,), float(i)) for i in range(3)}
+    io, sent = BackgroundCheckpointIO(), []
+    try:
+        io.save_checkpoint({"global_step": 1, "state_dict": weights, "new": torch.tensor([1])}, tmp_path / "1.ckpt")
+        send = io.jobs.put
+        io.jobs.put = lambda job: (sent.append(job), send(job))  # what the handoff thread sends the writer from now
+        for weight in weights.values():
+            weight.add_(10)  # as an optimizer step, in place
+        io.save_checkpoint({"global_step": 2, "state_dict": weights, "new": torch.tensor([2])}, tmp_path / "2.ckpt")
+    finally:
+        io.teardown()
+    assert "write" in [job[0] for job in sent if job is not None]
+    assert [tensor.numel() for tensor in tensors_in(sent)] in ([], [1])  # at most the new scalar, never a weight
+    for step in (1, 2):
+        checkpoint = torch.load(tmp_path / f"{step}.ckpt", weights_only=True)
+        assert checkpoint["new"].tolist() == [step]
+        expected = {name: torch.full((4,), i + 10.0 * (step - 1)) for i, name in enumerate(weights)}
+        torch.testing.assert_close(checkpoint["state_dict"], expected, rtol=0, atol=0)
 
 
 @pytest.mark.gpu
