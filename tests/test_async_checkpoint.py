@@ -396,6 +396,7 @@ def test_the_writer_gets_the_state_s_buffers_once_and_each_save_only_the_structu
     io, sent = BackgroundCheckpointIO(), []
     try:
         io.save_checkpoint({"global_step": 1, "state_dict": weights, "new": torch.tensor([1])}, tmp_path / "1.ckpt")
+        io.wait()  # its write is done: the handoff thread has sent everything of the first save
         send = io.jobs.put
         io.jobs.put = lambda job: (sent.append(job), send(job))  # what the handoff thread sends the writer from now
         for weight in weights.values():
