@@ -166,15 +166,17 @@ class BackgroundCheckpointIO(AtomicCheckpointIO):
         self.hook = None  # the handle of that optimizer-step pre-hook, from the first copy from a GPU
 
     def reserve(self, tensors) -> None:
-        """Allocates and pins the host buffers of these CUDA tensors now (LastCheckpoint calls it after the first
-        step, when the optimizer state exists), so that no checkpoint holds training for it, stages them on the GPU if
-        it has room, and starts the writer."""
+        """Allocates the host buffers of these tensors now, pinned for the CUDA ones (LastCheckpoint calls it after
+        the first step, when the optimizer state exists), so that no checkpoint holds training for it, stages the CUDA
+        ones on the GPU if it has room, starts the writer and hands it the buffers."""
         start, pinned = time.perf_counter(), 0
         cuda = {}  # key -> tensor, each once
         for tensor in tensors:
             key = tensor_key(tensor)
-            if tensor.is_cuda and not isinstance(tensor, DTensor) and key not in self.buffers:
-                self.buffers[key] = shared_like(tensor)
+            if isinstance(tensor, DTensor) or key in self.buffers:
+                continue
+            self.buffers[key] = shared_like(tensor)
+            if tensor.is_cuda:
                 cuda[key] = tensor
                 pinned += tensor.nbytes
         if pinned:
