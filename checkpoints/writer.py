@@ -388,7 +388,8 @@ def serve(jobs, results, parent: int) -> None:
     io, failed = AtomicCheckpointIO(), False
     buffers = {}  # {key: host buffer}, mapped once for the run (BackgroundCheckpointIO.share_buffers)
     while (job := jobs.get()) is not None:
-        kind, path, snapshot = job  # for "failed" (by Handoff), snapshot says why; for "map" and "forget", the buffers
+        kind, path, snapshot = job  # for "failed" (by Handoff), snapshot says why; for "map", the buffers by key;
+        # for "forget", the keys of the buffers to drop
         if kind == "map":
             buffers.update(snapshot)
             continue

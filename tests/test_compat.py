@@ -2,9 +2,12 @@
 on: each test fails on the release that moves one, before a run fails (or silently stops saving) in the middle."""
 
 import os
+import subprocess
+import sys
 
 import torch
 import torch.distributed.checkpoint as dcp
+from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.strategies import ModelParallelStrategy
@@ -102,11 +105,6 @@ def test_load_dcp_keys_reads_a_sharded_checkpoint_in_one_process(tmp_path):
 
 
 def test_stop_child_process_observer_ends_lightnings_observer_without_killing_anything():
-    import subprocess
-    import sys
-
-    from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
-
     child = subprocess.Popen([sys.executable, "-c", "raise SystemExit(143)"])
     child.wait()  # a rank that exited non-zero: the observer's next look would SIGKILL this process
     observer = _ChildProcessObserver(main_pid=os.getpid(), child_processes=[child], sleep_period=0.2)
