@@ -89,6 +89,9 @@ class LastCheckpoint(ModelCheckpoint):
         self.launcher = trainer.strategy.launcher
         signals = [signal.SIGTERM, *self.requeue_signals]
         self.previous_handlers = {s: signal.signal(s, self.on_stop_signal) for s in signals}
+        for signum, handler in self.previous_handlers.items():  # a previous fit's in this process is no launcher's
+            if handler is self.after_training:
+                self.previous_handlers[signum] = signal.SIG_DFL
 
     def rank_zero_decision(self) -> tuple[int, bool]:
         """(the stop signal rank 0 received or 0, whether rank 0's clock says a save is due), on every rank."""
@@ -106,9 +109,17 @@ class LastCheckpoint(ModelCheckpoint):
         self.received = self.received or signum  # only a flag: the step in progress finishes first
 
     def teardown(self, trainer, pl_module, stage):
+        # Training is over. A requeue signal from now on (SLURM's time-limit signal while the process writes its last
+        # files and exits) has nothing to save or requeue, and its default action would end a finished job as FAILED.
+        # A Python handler, not SIG_IGN: processes started after this (exec) get the signal's default action again.
         for signum, handler in self.previous_handlers.items():
-            signal.signal(signum, handler)
+            finished = signum in self.requeue_signals and handler == signal.SIG_DFL
+            signal.signal(signum, self.after_training if finished else handler)
         self.previous_handlers = {}
+
+    @staticmethod
+    def after_training(signum, frame):
+        rank_zero_info(f"{signal.Signals(signum).name} after training ended: nothing to save or requeue")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
