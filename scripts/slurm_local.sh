@@ -2,7 +2,8 @@
 # A real one-node Slurm cluster on localhost (Debian/Ubuntu packages, started by hand, no systemd), to try the
 # SLURM paths of docs/checkpointing.md on a laptop or a CI machine. Run as root. docs/slurm.md
 #   bash scripts/slurm_local.sh install   # apt packages: munge, slurmctld, slurmd, slurm-client, slurmdbd, mariadb
-#   bash scripts/slurm_local.sh start     # write /etc/slurm, start the daemons, wait until the node is idle
+#   bash scripts/slurm_local.sh start     # write /etc/slurm, start the daemons, cancel jobs left from an earlier
+#                                         # cluster (the saved state), wait until the node is idle
 #   bash scripts/slurm_local.sh status    # the daemons this script started, and sinfo
 #   bash scripts/slurm_local.sh stop      # cancel all jobs, stop only the daemons this script started (by PID)
 # Partition `debug`, node `$(hostname -s)`. Knobs:
@@ -128,7 +129,15 @@ start_daemon() {  # start_daemon NAME PIDFILE CMD...: CMD forks into the backgro
   cp "$pidfile" "$RUNDIR/$name.pid"
 }
 
-node_idle() { [ "$(sinfo -h -N -n "$HN" -o %T)" = idle ]; }
+no_jobs() { [ -z "$(squeue -h -o %i)" ]; }
+
+# Idle; or mixed with no job at all: a job that was running when an earlier cluster died, once cancelled, may hold
+# its CPUs for minutes (seen: until the start script exits), which keeps the node mixed but takes no new job's place
+node_ready() {
+  local state
+  state=$(sinfo -h -N -n "$HN" -o %T)
+  [ "$state" = idle ] || { [ "$state" = mixed ] && no_jobs; }
+}
 
 all_running() {
   local d
@@ -167,15 +176,21 @@ do_start() {
 
   start_daemon slurmctld /run/slurmctld.pid /usr/sbin/slurmctld
   start_daemon slurmd /run/slurmd.pid /usr/sbin/slurmd
-  if ! wait_for 60 "node $HN to be idle" node_idle; then
+  wait_for 30 "slurmctld to answer" squeue -h
+  # Jobs of an earlier cluster that was not stopped (killed daemons, a machine reused) come back from the saved
+  # state and would take the node: a started cluster holds no job but the ones submitted to it
+  local leftover
+  leftover=$(squeue -h -o %i | tr '\n' ' ')
+  # shellcheck disable=SC2086
+  if [ -n "$leftover" ]; then log "cancelling jobs left from an earlier cluster: $leftover"; scancel $leftover; fi
+  if ! wait_for 60 "node $HN to be ready" node_ready; then
     sinfo -N -l >&2 || true
+    squeue >&2 || true
     tail -n 20 "$LOGDIR/slurmctld.log" "$LOGDIR/slurmd.log" >&2 || true
     return 1
   fi
   log "up in $((SECONDS - t0)) s: partition debug, node $HN, $CPUS CPUs, accounting=$ACCT"
 }
-
-no_jobs() { [ -z "$(squeue -h -o %i)" ]; }
 
 do_stop() {
   local d pid

@@ -72,7 +72,7 @@ def cluster():
         else:
             started = True
             result = subprocess.run(["bash", str(SCRIPT), "start"], capture_output=True, text=True, timeout=300)
-            problem = f"`slurm_local.sh start` failed:\n{result.stderr[-3000:]}" if result.returncode else None
+            problem = f"`slurm_local.sh start` failed:\n{result.stderr[-6000:]}" if result.returncode else None
         if problem:
             if started:
                 subprocess.run(["bash", str(SCRIPT), "stop"], timeout=300)
