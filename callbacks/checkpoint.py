@@ -38,7 +38,9 @@ class LastCheckpoint(ModelCheckpoint):
     run then ends with SIGTERMException (train.py exits 143); after a requeue signal it waits for the write, requeues
     the job, then stops: through the launcher's own handler when there is one (submitit's, which requeues the same
     Hydra job), else with `scontrol requeue` when in a SLURM job. Other exceptions save nothing: the state may be
-    mid-step or NaN, and the last good checkpoint must not be overwritten by it.
+    mid-step or NaN, and the last good checkpoint must not be overwritten by it. A requeue signal is handled from the
+    start of the fit (one during the sanity check stops the run at the end of its first step) until its end, and is
+    logged and ignored after it (docs/slurm.md).
 
     Lightning's own SIGTERM handler is replaced while training runs: it broadcasts from inside the handler, on every
     rank, wherever each rank's main thread happens to be, so with several ranks its broadcast met another collective
@@ -79,19 +81,25 @@ class LastCheckpoint(ModelCheckpoint):
         self.clock = None  # time.monotonic() of the last save on the time cadence (rank 0's counts)
         self.ranks = None  # the gloo group of all ranks that carries rank 0's decisions (None in one process)
 
+    def setup(self, trainer, pl_module, stage):
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit":  # a requeue signal during start-up or the sanity check is taken at the end of the first step
+            self.handle(self.requeue_signals)  # their previous handlers: the launcher's, if any (Lightning sets none)
+
     def on_train_start(self, trainer, pl_module):
         super().on_train_start(trainer, pl_module)
         self.clock = time.monotonic()
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1 and self.ranks is None:
             self.ranks = torch.distributed.new_group(backend="gloo")  # every rank creates it, here, in the same order
             compat.skip_sigterm_broadcast(trainer)  # its flag goes over self.ranks, with the time cadence's decision
-        # Here, after Lightning has set its own handlers; a requeue signal's previous handler is the launcher's, if any.
         self.launcher = trainer.strategy.launcher
-        signals = [signal.SIGTERM, *self.requeue_signals]
-        self.previous_handlers = {s: signal.signal(s, self.on_stop_signal) for s in signals}
-        for signum, handler in self.previous_handlers.items():  # a previous fit's in this process is no launcher's
-            if handler is self.after_training:
-                self.previous_handlers[signum] = signal.SIG_DFL
+        self.handle([signal.SIGTERM])  # here, after Lightning has set its own SIGTERM handler
+
+    def handle(self, signals: list) -> None:
+        for signum in signals:
+            previous = signal.signal(signum, self.on_stop_signal)
+            # a previous fit's in this process (after_training) is no launcher's
+            self.previous_handlers[signum] = signal.SIG_DFL if previous is self.after_training else previous
 
     def rank_zero_decision(self) -> tuple[int, bool]:
         """(the stop signal rank 0 received or 0, whether rank 0's clock says a save is due), on every rank."""

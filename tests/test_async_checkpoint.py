@@ -273,13 +273,21 @@ def test_the_requeue_waits_for_the_checkpoint_to_be_written(tmp_path, monkeypatc
     assert found == [(3, 3.0)]  # the step in progress finished, was written, then the handler ran
 
 
-AFTER_TRAINING = """
+OUTSIDE_TRAINING = """
 import os, signal, sys
 from pathlib import Path
 sys.path.insert(0, "tests")
 from test_async_checkpoint import Counting, fit
+
+
+class SignalledAtStartUp(Counting):
+    def on_fit_start(self):  # after the callbacks' setup, before Lightning's signal handlers and the sanity check
+        os.kill(os.getpid(), signal.SIGUSR2)
+
+
 root = Path(sys.argv[1])
-fit(root / "first", 2, requeue_signals=["SIGUSR2"])
+module = fit(root / "first", 20, SignalledAtStartUp(), requeue_signals=["SIGUSR2"], every_n_train_steps=100)
+print("the first fit stopped at step", module.trainer.global_step)
 os.kill(os.getpid(), signal.SIGUSR2)
 module = fit(root / "second", 20, Counting(signal_at=2), requeue_signals=["SIGUSR2"], every_n_train_steps=100)
 print("the second fit stopped at step", module.trainer.global_step)
@@ -287,19 +295,21 @@ os.kill(os.getpid(), signal.SIGUSR2)
 """
 
 
-def test_a_requeue_signal_after_training_ended_leaves_the_finished_run_alone(tmp_path):
-    """SLURM's time-limit signal can land after the last step, while the process writes its last files and exits:
-    nothing is left to save or requeue, and the signal's default action would end a finished job as FAILED. A second
-    fit in the same process (a sweep) still stops and saves on it, and requeues as a first fit would."""
+def test_a_requeue_signal_before_or_after_training_neither_kills_the_run_nor_is_lost(tmp_path):
+    """SLURM's time-limit signal can land before training starts (start-up, the sanity check) or after the last step
+    (while the process writes its last files and exits); the signal's default action would end the job as FAILED.
+    Before: the first step ends, is saved and the job requeued, as for a signal during training. After: nothing is
+    left to save or requeue. A second fit in the same process (a sweep) still stops, saves and requeues on it."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("SLURM_")}
-    run = [sys.executable, "-c", AFTER_TRAINING, str(tmp_path)]
+    run = [sys.executable, "-c", OUTSIDE_TRAINING, str(tmp_path)]
     done = subprocess.run(run, cwd=ROOT, env=env, timeout=300, capture_output=True, text=True)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-3000:]
+    assert "the first fit stopped at step 1" in output and "the second fit stopped at step 3" in output
+    assert saved(tmp_path / "first" / "last.ckpt") == (1, 1.0) and saved(tmp_path / "second" / "last.ckpt") == (3, 3.0)
     assert output.count("SIGUSR2 after training ended: nothing to save or requeue") == 2, output[-3000:]
-    assert "the second fit stopped at step 3" in output
-    assert "not in a SLURM job: stopping without a requeue" in output  # not the first fit's handler as a launcher's
-    assert saved(tmp_path / "second" / "last.ckpt") == (3, 3.0)
+    # the requeue (outside SLURM: only this line), not the first fit's after_training taken for a launcher's handler
+    assert output.count("not in a SLURM job: stopping without a requeue") == 2, output[-3000:]
 
 
 @pytest.mark.parametrize("cadence", [{"every_n_train_steps": 100}, {"every_n_minutes": 0}])
