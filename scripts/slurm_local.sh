@@ -3,7 +3,7 @@
 # SLURM paths of docs/checkpointing.md on a laptop or a CI machine. Run as root. docs/slurm.md
 #   bash scripts/slurm_local.sh install   # apt packages: munge, slurmctld, slurmd, slurm-client, slurmdbd, mariadb
 #   bash scripts/slurm_local.sh start     # write /etc/slurm, start the daemons, cancel jobs left from an earlier
-#                                         # cluster (the saved state), wait until the node is idle
+#                                         # cluster (the saved state), wait until the node takes jobs
 #   bash scripts/slurm_local.sh status    # the daemons this script started, and sinfo
 #   bash scripts/slurm_local.sh stop      # cancel all jobs, stop only the daemons this script started (by PID)
 # Partition `debug`, node `$(hostname -s)`. Knobs:
@@ -131,8 +131,8 @@ start_daemon() {  # start_daemon NAME PIDFILE CMD...: CMD forks into the backgro
 
 no_jobs() { [ -z "$(squeue -h -o %i)" ]; }
 
-# Idle; or mixed with no job at all: a job that was running when an earlier cluster died, once cancelled, may hold
-# its CPUs for minutes (seen: until the start script exits), which keeps the node mixed but takes no new job's place
+# Idle; or mixed with no job at all: a job that was running when an earlier cluster died, once cancelled, may keep
+# its CPUs counted for minutes (seen: until the start script exits); the node is mixed then, and takes new jobs
 node_ready() {
   local state
   state=$(sinfo -h -N -n "$HN" -o %T)
