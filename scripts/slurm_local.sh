@@ -131,6 +131,14 @@ start_daemon() {  # start_daemon NAME PIDFILE CMD...: CMD forks into the backgro
 
 no_jobs() { [ -z "$(squeue -h -o %i)" ]; }
 
+cancel_all_jobs() {  # prints the ids of the jobs it cancelled
+  local jobs
+  jobs=$(squeue -h -o %i | tr '\n' ' ')
+  # shellcheck disable=SC2086
+  if [ -n "$jobs" ]; then scancel $jobs; fi
+  echo "$jobs"
+}
+
 # Idle; or mixed with no job at all: a job that was running when an earlier cluster died, once cancelled, may keep
 # its CPUs counted for minutes (seen: until the start script exits); the node is mixed then, and takes new jobs
 node_ready() {
@@ -180,9 +188,8 @@ do_start() {
   # Jobs of an earlier cluster that was not stopped (killed daemons, a machine reused) come back from the saved
   # state and would take the node: a started cluster holds no job but the ones submitted to it
   local leftover
-  leftover=$(squeue -h -o %i | tr '\n' ' ')
-  # shellcheck disable=SC2086
-  if [ -n "$leftover" ]; then log "cancelling jobs left from an earlier cluster: $leftover"; scancel $leftover; fi
+  leftover=$(cancel_all_jobs)
+  if [ -n "$leftover" ]; then log "cancelled jobs left from an earlier cluster: $leftover"; fi
   if ! wait_for 60 "node $HN to be ready" node_ready; then
     sinfo -N -l >&2 || true
     squeue >&2 || true
@@ -195,7 +202,7 @@ do_start() {
 do_stop() {
   local d pid
   if running slurmctld "$RUNDIR/slurmctld.pid"; then
-    squeue -h -o %i | xargs -r scancel || true
+    cancel_all_jobs >/dev/null || true
     wait_for 30 "the jobs to end" no_jobs || true
   fi
   for d in slurmd slurmctld slurmdbd mariadbd munged; do  # the reverse of the start order

@@ -1,6 +1,8 @@
-"""Helpers shared by the tests: a quiet CPU Trainer, and the metrics a CSV logger wrote."""
+"""Helpers shared by the tests: a quiet CPU Trainer, the environment outside SLURM, and the metrics a CSV logger
+wrote."""
 
 import csv
+import os
 from pathlib import Path
 
 import lightning as L
@@ -12,6 +14,12 @@ def quiet_trainer(**options) -> L.Trainer:
     """A Lightning Trainer on the CPU with no logger, progress bar or model summary (a test's output stays its own);
     `options` add to or replace these."""
     return L.Trainer(**{**QUIET_CPU, **options})
+
+
+def environ_outside_slurm() -> dict[str, str]:
+    """os.environ without SLURM_*: a process that a test starts must not take the SLURM job the tests may run in
+    for its own (and requeue or cancel it)."""
+    return {key: value for key, value in os.environ.items() if not key.startswith("SLURM_")}
 
 
 def csv_rows(run_dir: Path) -> list[dict[str, str]]:

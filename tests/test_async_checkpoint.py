@@ -17,7 +17,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from helpers import quiet_trainer
+from helpers import environ_outside_slurm, quiet_trainer
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
@@ -300,9 +300,8 @@ def test_a_requeue_signal_before_or_after_training_neither_kills_the_run_nor_is_
     (while the process writes its last files and exits); the signal's default action would end the job as FAILED.
     Before: the first step ends, is saved and the job requeued, as for a signal during training. After: nothing is
     left to save or requeue. A second fit in the same process (a sweep) still stops, saves and requeues on it."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("SLURM_")}
     run = [sys.executable, "-c", OUTSIDE_TRAINING, str(tmp_path)]
-    done = subprocess.run(run, cwd=ROOT, env=env, timeout=300, capture_output=True, text=True)
+    done = subprocess.run(run, cwd=ROOT, env=environ_outside_slurm(), timeout=300, capture_output=True, text=True)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-3000:]
     assert "the first fit stopped at step 1" in output and "the second fit stopped at step 3" in output

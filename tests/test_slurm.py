@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY
+from helpers import environ_outside_slurm
 from hydra import compose, initialize_config_dir
 
 from callbacks.checkpoint import LastCheckpoint
@@ -42,7 +43,7 @@ LAUNCHER = [
 ]
 DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.precision=32-true", "trainer.devices=2"]
 ENV = {
-    **{key: value for key, value in os.environ.items() if not key.startswith("SLURM_")},
+    **environ_outside_slurm(),
     "SINKAWARE_REPO": str(ROOT),  # scripts/train.sbatch: the code and .venv
     "PYTHONPATH": str(ROOT),  # submitit unpickles the job in the directory it was launched from
     "SINKAWARE_CACHE_DIR": str(ROOT / ".cache"),
