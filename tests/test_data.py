@@ -200,15 +200,14 @@ def test_token_bytes_are_exact_utf8_lengths(bpe):
         assert tok.token_bytes.shape == (tok.vocab_size,)
 
 
-def test_bpe_is_trained_once_cached_and_reloadable(bpe, mirror):
+def test_bpe_is_trained_once_cached_and_reloadable(bpe, mirror, monkeypatch):
     tok, cache = bpe
     assert tok.vocab_size == 1024 and tok.bos_id == 1023
     assert tok.token_bytes.max() > 3  # merges were learned: some tokens span several bytes
     assert len(tok.encode(document(3))) < len(document(3).encode()) / 2  # and they compress this corpus
     (saved,) = (cache / "tokenizers").glob("bpe-1024-*.json")
-    started = time.perf_counter()
+    monkeypatch.setattr("data.tokenizer.train_bpe", lambda *args: pytest.fail("retrained, not loaded from the cache"))
     again = BPETokenizer.trained_on(Corpus(str(mirror), name="sample-10BT"), 1024, 10**6, str(cache))
-    assert time.perf_counter() - started < 1.0  # loaded from the cache, not retrained
     from_file = BPETokenizer.trained_on(None, 1024, 0, "/nonexistent", file=str(saved))
     for other in (again, from_file):
         assert other.encode(SAMPLE) == tok.encode(SAMPLE)
@@ -285,7 +284,7 @@ def test_bad_input_fails_with_one_clear_line(tmp_path, monkeypatch):
     one_line_error(FileNotFoundError, lambda: Corpus("HuggingFaceFW/fineweb-edu").stream, "hf download")
     monkeypatch.setattr("datasets.config.HF_HUB_OFFLINE", True)
     one_line_error(FileNotFoundError, lambda: Corpus("HuggingFaceFW/fineweb-edu").stream, "HF_HUB_OFFLINE")
-    assert time.perf_counter() - started < 5  # no minutes of retries
+    assert time.perf_counter() - started < 15  # no minutes of retries
 
 
 @pytest.mark.slow
