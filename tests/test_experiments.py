@@ -60,3 +60,11 @@ def test_paper_runs_state_batch_and_budget(experiment):
     assert 19 <= cfg.trainer.max_steps * step_tokens / params <= 23  # ~20 tokens per parameter
     assert cfg.data.tokenizer.vocab_size == 65536 and cfg.data.corpus.path == "HuggingFaceFW/fineweb-edu"
     assert cfg.run == "paper/" + experiment.split("/")[1] + "_gated_lambda0.0001"
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_a_heatmap_is_drawn_with_each_validation(experiment):
+    """The heatmap's cadence counts optimizer steps, Lightning's val_check_interval counts micro-batches."""
+    cfg = composed(experiment)
+    every = cfg.callbacks.head_balance.heatmap_every_n_steps
+    assert every * cfg.trainer.get("accumulate_grad_batches", 1) == cfg.trainer.val_check_interval

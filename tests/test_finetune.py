@@ -135,7 +135,7 @@ def test_init_from_errors_name_the_key_and_the_fix(tmp_path):
 
 @pytest.mark.slow
 def test_finetune_command_as_typed(tmp_path):
-    """`python train.py mode=finetune init_from=CKPT aux.lambda=1e-2 aux.shared_heads=3` (+ a tiny shape)."""
+    """`python train.py mode=finetune init_from=CKPT aux.lambda=1e-2 aux.shared_heads=2` (+ a tiny shape)."""
     torch.manual_seed(7)
     model = dict(vocab_size=320, n_layer=2, n_embd=64, n_head=8, seq_len=32, attention="vanilla", backend="auto")
     init = tmp_path / "pretrained.ckpt"
@@ -143,7 +143,7 @@ def test_finetune_command_as_typed(tmp_path):
     save_trained(SinkAwareLM(model=model, optim=OPTIM, aux=aux), init)
     shape = ["model.n_layer=2", "model.n_embd=64", "model.n_head=8", "model.seq_len=32", "data.batch_size=2"]
     run = ["trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "logger=csv"]
-    cmd = [sys.executable, "train.py", "mode=finetune", f"init_from={init}", "aux.lambda=1e-2", "aux.shared_heads=3"]
+    cmd = [sys.executable, "train.py", "mode=finetune", f"init_from={init}", "aux.lambda=1e-2", "aux.shared_heads=2"]
     cmd += [*shape, *run, "callbacks.calibration.batches=2", f"hydra.run.dir={tmp_path / 'run'}"]
     env = {**os.environ, "SINKAWARE_CACHE_DIR": str(CACHE), "WANDB_MODE": "disabled"}
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -151,5 +151,5 @@ def test_finetune_command_as_typed(tmp_path):
     assert "fine-tuning from the weights of" in result.stdout + result.stderr
     hparams = yaml.safe_load(next((tmp_path / "run").rglob("hparams.yaml")).read_text())
     shared = hparams["calibration/shared_heads"]
-    assert sorted(shared) == ["L00", "L01"] and all(len(heads) == 3 for heads in shared.values())
+    assert sorted(shared) == ["L00", "L01"] and all(len(heads) == 2 for heads in shared.values())
     assert "heads/cv_routed_mean" in next((tmp_path / "run").rglob("metrics.csv")).read_text()
