@@ -78,7 +78,10 @@ def measure(args, observed: bool, output_dir: str) -> tuple[float, float]:
             cfg.trainer.enable_progress_bar = False
     if observed:  # what the "on" window holds: a heatmap costs ~0.3 s of CPU, once per heatmap interval
         heatmap_every = cfg.callbacks.head_balance.heatmap_every_n_steps if "head_balance" in cfg.callbacks else 0
-        print(f"# on: logging every {cfg.trainer.log_every_n_steps} steps, heatmap every {heatmap_every} steps")
+        heatmap = f"every {heatmap_every} steps"
+        if heatmap_every is None:  # with each validation interval, though validation itself is off here
+            heatmap = f"every validation interval ({cfg.trainer.val_check_interval} micro-batches)"
+        print(f"# on: logging every {cfg.trainer.log_every_n_steps} steps, heatmap {heatmap}")
     L.seed_everything(cfg.seed)
     datamodule, module, trainer = build(cfg)
     stopwatch = Stopwatch(args.warmup, args.warmup + args.steps)

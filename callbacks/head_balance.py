@@ -63,14 +63,18 @@ def heatmap_figure(imp: np.ndarray, step: int, shared: np.ndarray | None):
 
 
 class HeadBalanceMonitor(L.Callback):
-    def __init__(self, heatmap_every_n_steps: int = 100, dirpath: str | None = None, sink_threshold: float = 0.3):
+    def __init__(
+        self, heatmap_every_n_steps: int | None = 100, dirpath: str | None = None, sink_threshold: float = 0.3
+    ):
         """heatmap_every_n_steps: draw the heatmap at the first logging step at or after each multiple of it
-        (0: only at the end). dirpath: where the PNGs go; None = <trainer.default_root_dir>/heads.
+        (0: only at the end; None: with each validation). dirpath: where the PNGs go; None =
+        <trainer.default_root_dir>/heads.
         sink_threshold: a head counts as sinking in heads/sink_ratio when its mean attention on the sink, 1 - its
         importance, exceeds this (Gu et al.'s epsilon)."""
-        if heatmap_every_n_steps < 0:
+        if heatmap_every_n_steps is not None and heatmap_every_n_steps < 0:
             raise ValueError(
-                f"callbacks.head_balance.heatmap_every_n_steps={heatmap_every_n_steps}: must be >= 0 (0 = at the end)"
+                f"callbacks.head_balance.heatmap_every_n_steps={heatmap_every_n_steps}: must be >= 0 (0 = at the end), "
+                "or null (with each validation)"
             )
         if not 0 < sink_threshold < 1:
             raise ValueError(
@@ -131,9 +135,17 @@ class HeadBalanceMonitor(L.Callback):
         self.history_steps.append(step)
         self.history_cv.append(coefficient_of_variation(imp).tolist())
         self.latest = (step, imp.numpy())
-        every = self.heatmap_every_n_steps
+        every = self.heatmap_every(trainer)
         if every and step // every > self.last_heatmap_step // every:
             self.draw_heatmap(trainer, step, imp.numpy())
+
+    def heatmap_every(self, trainer) -> float:
+        """Optimizer steps between heatmaps. Lightning counts the validation interval in micro-batches (None when
+        validation is timed by the clock: then a heatmap only at the end)."""
+        if self.heatmap_every_n_steps is not None:
+            return self.heatmap_every_n_steps
+        batches = trainer.val_check_batch
+        return batches / trainer.accumulate_grad_batches if batches else 0
 
     def draw_heatmap(self, trainer, step: int, imp: np.ndarray) -> None:
         shared = self.shared.numpy() if self.shared.any() else None

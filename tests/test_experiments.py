@@ -1,10 +1,13 @@
 """conf/experiment/: every named run composes, and its numbers are the ones its comments and docs/study.md state."""
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+
+from callbacks.head_balance import HeadBalanceMonitor
 
 ROOT = Path(__file__).parents[1]
 EXPERIMENTS = sorted(
@@ -64,7 +67,10 @@ def test_paper_runs_state_batch_and_budget(experiment):
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_a_heatmap_is_drawn_with_each_validation(experiment):
-    """The heatmap's cadence counts optimizer steps, Lightning's val_check_interval counts micro-batches."""
+    """The heatmap's cadence counts optimizer steps, Lightning's val_check_interval counts micro-batches (the
+    trainer's val_check_batch: tests/test_observability.py runs one)."""
     cfg = composed(experiment)
-    every = cfg.callbacks.head_balance.heatmap_every_n_steps
-    assert every * cfg.trainer.get("accumulate_grad_batches", 1) == cfg.trainer.val_check_interval
+    accumulate = cfg.trainer.get("accumulate_grad_batches", 1)
+    trainer = SimpleNamespace(val_check_batch=cfg.trainer.val_check_interval, accumulate_grad_batches=accumulate)
+    every = HeadBalanceMonitor(cfg.callbacks.head_balance.heatmap_every_n_steps).heatmap_every(trainer)
+    assert every * accumulate == cfg.trainer.val_check_interval

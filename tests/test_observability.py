@@ -198,6 +198,20 @@ def test_csv_carries_every_metric_and_mfu_uses_the_given_peak(tmp_path):
     assert (tmp_path / "heads" / "cv_curve.png").is_file()
 
 
+def test_by_default_a_heatmap_is_drawn_with_each_validation_also_under_gradient_accumulation(tmp_path):
+    """Validation every 4 micro-batches = every 2 optimizer steps with 2 micro-batches per step: heatmaps of steps
+    2, 4 and 6 (a cadence taken as 4 optimizer steps would draw those of steps 4 and 6 only)."""
+    batches = fixed_batches(12)
+    trainer = quiet_trainer(
+        max_steps=6, accumulate_grad_batches=2, val_check_interval=4, limit_val_batches=1, log_every_n_steps=1,
+        num_sanity_val_steps=0, default_root_dir=tmp_path, callbacks=[HeadBalanceMonitor(heatmap_every_n_steps=None)],
+    )  # fmt: skip
+    loader = torch.utils.data.DataLoader(batches, batch_size=None)
+    trainer.fit(tiny_module("gated"), train_dataloaders=loader, val_dataloaders=loader)
+    drawn = sorted(path.name for path in (tmp_path / "heads").glob("importance_step_*.png"))
+    assert drawn == [f"importance_step_{step:06d}.png" for step in (2, 4, 6)]
+
+
 def test_the_slowest_steps_are_named_and_the_step_after_a_validation_is_not_timed(tmp_path, caplog, monkeypatch):
     """A stall of 100 s before step 6's end makes step 6 the slowest; the validation after step 4 (1000 s) is left
     out: step 5 is not timed at all. Step 1 (the warm-up's end) starts the timing. The stalls move the monitor's clock
